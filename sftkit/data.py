@@ -1,0 +1,171 @@
+"""Data: a Hub id or a local file -> rows -> detected format -> mapped columns -> validated -> training text.
+
+Formats: `alpaca` (instruction / input / output), `chat` (`messages` with role/content, or ShareGPT
+`conversations` with from/value) and `text` (a raw `text` column). The result is in one of the layouts
+TRL's SFTTrainer reads natively: prompt/completion (so the loss can skip the prompt), messages, or text.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import UserError
+from .prompts import Template, render
+
+log = logging.getLogger("sftkit")
+
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMATS = ("auto", "alpaca", "chat", "text")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "model": "assistant"}
+
+
+def parse_columns(columns) -> dict:
+    """`--columns 'instruction=question,output=answer'` (or a dict from Fire) -> {field: column}."""
+    if not columns:
+        return {}
+    if isinstance(columns, dict):
+        return {str(k): str(v) for k, v in columns.items()}
+    pairs = {}
+    for part in str(columns).split(","):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--columns {columns!r}: write FIELD=COLUMN pairs separated by commas, "
+                            "e.g. --columns 'instruction=question,output=answer'.")
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def load_dataset_any(dataset: str, split: str = "train"):
+    """A local .jsonl/.json/.csv/.parquet file or folder, or a Hub data set id."""
+    import datasets
+
+    path = Path(dataset).expanduser()
+    if path.exists():
+        if path.is_dir() and (path / "dataset_info.json").exists():
+            return datasets.load_from_disk(str(path))
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
+        kinds = {LOCAL_FORMATS.get(p.suffix) for p in files}
+        if not files or None in kinds or len(kinds) > 1:
+            raise UserError(f"--dataset {dataset!r}: expected a .jsonl, .json, .csv or .parquet file, or a folder "
+                            f"of files of one such kind; found {[p.name for p in files] or 'nothing usable'}.")
+        try:
+            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        except Exception as err:
+            raise UserError(f"--dataset {dataset!r} could not be read: {err}") from err
+    if dataset.startswith((".", "/", "~")) or path.suffix in LOCAL_FORMATS:
+        raise UserError(f"--dataset {dataset!r} does not exist. Check the path (relative to the current folder), "
+                        "or pass a Hub id such as jojo0217/korean_safe_conversation.")
+    try:
+        return datasets.load_dataset(dataset, split=split, token=os.environ.get("HF_TOKEN") or None)
+    except Exception as err:
+        raise UserError(f"could not load data set {dataset!r} (split {split!r}) from the Hugging Face Hub: "
+                        f"{type(err).__name__}: {err}. Check the id and --dataset_split, log in with HF_TOKEN for "
+                        "a gated set, or pass a local .jsonl/.json/.csv/.parquet file.") from err
+
+
+def detect_format(column_names, requested: str = "auto") -> str:
+    cols = set(column_names)
+    if requested not in FORMATS:
+        raise UserError(f"--data_format {requested!r} is not one of {', '.join(FORMATS)}.")
+    if requested != "auto":
+        return requested
+    if cols & {"messages", "conversations"}:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if "text" in cols:
+        return "text"
+    raise UserError(f"cannot tell the data format from the columns {sorted(cols)}. Expected instruction/output "
+                    "(Alpaca), messages or conversations (chat), or text. Rename columns with --columns, e.g. "
+                    "--columns 'instruction=question,output=answer', or set --data_format.")
+
+
+def apply_mapping(ds, mapping: dict):
+    """Renames data-set columns onto the fields the template and formats expect ({field: column})."""
+    missing = [col for col in mapping.values() if col not in ds.column_names]
+    if missing:
+        raise UserError(f"--columns maps onto {missing}, which the data set lacks. Its columns are "
+                        f"{ds.column_names}.")
+    renames = {col: fld for fld, col in mapping.items() if col != fld}
+    clash = [fld for col, fld in renames.items() if fld in ds.column_names and fld not in renames]
+    if clash:
+        ds = ds.remove_columns(clash)  # the user's mapping wins over a column that already had that name
+    return ds.rename_columns(renames) if renames else ds
+
+
+def to_messages(row: dict) -> list:
+    """`messages` as is, or ShareGPT `conversations` (from/value) normalised to role/content."""
+    if row.get("messages"):
+        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    out = []
+    for turn in row.get("conversations") or []:
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise UserError(f"unknown ShareGPT speaker {turn.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}.")
+        out.append({"role": role, "content": turn.get("value", "")})
+    return out
+
+
+def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", columns=None,
+            max_samples: int = 0, train_on_inputs: bool = False):
+    """Returns (dataset in a TRL layout, info dict with the format and the counts)."""
+    ds = apply_mapping(ds, parse_columns(columns))
+    fmt = detect_format(ds.column_names, data_format)
+    required = {"alpaca": ["instruction", "output"], "text": ["text"]}.get(fmt, [])
+    missing = [c for c in required if c not in ds.column_names]
+    if fmt == "chat" and not {"messages", "conversations"} & set(ds.column_names):
+        missing = ["messages or conversations"]
+    if missing:
+        raise UserError(f"the data set has no column {missing} for the {fmt} format. Columns found: "
+                        f"{ds.column_names}. Map yours with --columns, e.g. --columns 'output=answer'.")
+    if fmt == "alpaca" and template.kind != "instruction":
+        raise UserError(f"--prompt {template.name} is a chat template; Alpaca-style data needs an instruction "
+                        "template such as alpaca_ko or alpaca.")
+    if fmt == "chat" and template.kind != "chat":
+        raise UserError(f"--prompt {template.name} is an instruction template; chat data needs a chat template "
+                        "such as llama-3.1-chat or chatml.")
+    if fmt == "alpaca":
+        unknown = template.fields - set(ds.column_names)
+        if unknown:
+            raise UserError(f"template {template.name!r} uses {sorted(unknown)}, which the data set lacks "
+                            f"(columns: {ds.column_names}). Map a column onto it with --columns 'FIELD=COLUMN'.")
+    rows_in = len(ds)
+    if max_samples and max_samples > 0:
+        ds = ds.select(range(min(max_samples, len(ds))))
+
+    if fmt == "alpaca":
+        ds = ds.filter(lambda r: bool(str(r["output"] or "").strip()) and bool(str(r["instruction"] or "").strip()))
+        # The answer always ends in EOS, so the model learns to stop; TRL would add it too, but only if missing.
+        ds = ds.map(lambda r: {"prompt": render(template, r), "completion": str(r["output"]) + eos_token},
+                    remove_columns=ds.column_names)
+        if train_on_inputs:  # the reference notebook's way: one text, loss on every token
+            ds = ds.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
+    elif fmt == "chat":
+        ds = ds.map(lambda r: {"messages": to_messages(r)}, remove_columns=ds.column_names)
+        ds = ds.filter(lambda r: any(m["role"] == "assistant" and str(m["content"]).strip() for m in r["messages"]))
+    else:
+        ds = ds.filter(lambda r: bool(str(r["text"] or "").strip()))
+        ds = ds.map(lambda r: {"text": r["text"] if r["text"].endswith(eos_token) else r["text"] + eos_token},
+                    remove_columns=ds.column_names)
+    kept = len(ds)
+    considered = min(max_samples, rows_in) if max_samples and max_samples > 0 else rows_in
+    dropped = considered - kept
+    if dropped:
+        log.info("dropped %d of %d rows with an empty answer (or instruction/text)", dropped, considered)
+    if kept == 0:
+        raise UserError(f"no usable rows: all {considered} rows had an empty answer or were filtered out. "
+                        "Check the column mapping (--columns) and --max_samples.")
+    return ds, {"format": fmt, "rows_in": rows_in, "rows_used": kept, "rows_dropped": dropped}
+
+
+def split_eval(ds, val_size, seed: int):
+    """Holds out val_size rows (a count >= 1) or a fraction (0 < x < 1) for evaluation."""
+    if not val_size:
+        return ds, None
+    n = int(val_size) if val_size >= 1 else max(1, round(len(ds) * val_size))
+    if n >= len(ds):
+        raise UserError(f"--val_size {val_size} leaves no training rows out of {len(ds)}. Use a smaller count "
+                        "or a fraction such as 0.05.")
+    parts = ds.train_test_split(test_size=n, seed=seed)
+    return parts["train"], parts["test"]
