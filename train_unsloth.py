@@ -164,7 +164,9 @@ def train(
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
                          args=config, callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
                                                  interrupt_callback()])
-    record = {"status": "running", "args": args, "backend": choice.as_dict(), "template": template.name,
+    record = {"status": "running", "args": args, "backend": choice.as_dict(),
+              # infer.py reloads the base from here, whatever folder it is run from
+              "model_path": str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name, "template": template.name,
               "template_kind": template.kind, "template_text": template.text, "data": data_info,
               "notes": notes, "versions": run.library_versions(), "world_size": world,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(ckpt) if ckpt else None}

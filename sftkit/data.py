@@ -126,6 +126,8 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
         raise UserError(f"--prompt {template.name} is an instruction template; chat data needs a chat template "
                         "such as llama-3.1-chat or chatml.")
     if fmt == "alpaca":
+        if "input" not in ds.column_names:  # optional in Alpaca data: absent means empty
+            ds = ds.map(lambda r: {"input": ""})
         unknown = template.fields - set(ds.column_names)
         if unknown:
             raise UserError(f"template {template.name!r} uses {sorted(unknown)}, which the data set lacks "

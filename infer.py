@@ -1,0 +1,130 @@
+"""Talk to a fine-tuned model: one prompt, an interactive chat, or a JSONL batch; optionally beside the base.
+
+    python infer.py --adapter outputs/run --instruction "비밀번호를 안전하게 만드는 방법은?"
+    python infer.py --adapter outputs/run --chat
+    python infer.py --adapter outputs/run --input_file questions.jsonl --output_file answers.jsonl
+    python infer.py --adapter outputs/run --instruction "..." --compare_base
+    python infer.py --model_name unsloth/Meta-Llama-3.1-8B --prompt alpaca_ko --instruction "..."
+
+The base model, template, max_seq_length and 4-bit setting come from the run's run.json. On a GPU with
+Unsloth, generation uses FastLanguageModel.for_inference; elsewhere plain transformers generate.
+"""
+
+import logging
+import sys
+
+from sftkit.cli import run_cli
+from sftkit.errors import UserError
+from sftkit.generate import open_generator, run_batch
+
+log = logging.getLogger("sftkit")
+
+
+def infer(
+    adapter: str = "",
+    model_name: str = "",
+    prompt: str = "alpaca_ko",
+    instruction: str = "",
+    input: str = "",
+    chat: bool = False,
+    input_file: str = "",
+    output_file: str = "",
+    batch_size: int = 8,
+    compare_base: bool = False,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    repetition_penalty: float = 1.0,
+    seed: int = 3407,
+    backend: str = "auto",
+    dtype: str = "auto",
+    load_in_4bit: bool = True,
+    max_seq_length: int = 0,
+):
+    """Generate answers with a trained adapter (or a base model).
+
+    Args:
+      adapter: a run folder written by train_unsloth.py (holds run.json and the LoRA adapter).
+      model_name: base model (Hub id or folder); with --adapter it overrides the recorded base.
+      prompt: template name from prompts/ when no --adapter is given.
+      instruction: the question or task (one-prompt mode).
+      input: optional extra context for the instruction.
+      chat: interactive mode: read prompts line by line from stdin until EOF or Ctrl-C.
+      input_file: JSONL with 'instruction' (and 'input') per line: batch mode.
+      output_file: where batch mode appends answers; a rerun skips rows already answered.
+      batch_size: prompts per generate call in batch mode.
+      compare_base: also answer with the adapter disabled, and show both.
+      max_new_tokens: most tokens to generate per answer.
+      do_sample: sample instead of greedy decoding.
+      temperature: sampling temperature (with --do_sample).
+      top_p: nucleus sampling mass (with --do_sample).
+      top_k: sample among the k likeliest tokens (with --do_sample).
+      repetition_penalty: >1 discourages repeating tokens.
+      seed: random seed for sampling.
+      backend: auto | unsloth | hf, as in training.
+      dtype: auto | bf16 | fp16 | fp32.
+      load_in_4bit: load the base in 4-bit on a GPU (taken from run.json with --adapter).
+      max_seq_length: context length (0 = the run's, or 2048).
+    """
+    if not (instruction or chat or input_file):
+        raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
+    if input_file and not output_file:
+        raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
+    from transformers import set_seed
+
+    gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
+    if do_sample:
+        gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, **gen)
+    set_seed(seed)
+    if input_file:
+        n = run_batch(g, input_file, output_file, batch_size, compare_base)
+        print(f"answered {n} prompts -> {output_file}")
+    elif chat:
+        chat_loop(g, compare_base)
+    else:
+        show(g, instruction, input, compare_base)
+
+
+def show(g, instruction, input="", compare_base=False, history=None):
+    """Streams one answer; with compare_base, the base model's answer first."""
+    if compare_base:
+        print("=== base model (adapter off) ===", flush=True)
+        g.answer(instruction, input, stream=True, base=True, history=history)
+        print("=== fine-tuned (adapter on) ===", flush=True)
+    return g.answer(instruction, input, stream=True, history=history)
+
+
+def chat_loop(g, compare_base=False):
+    """Multi-turn with a chat template (history kept); one-shot per line with an instruction template."""
+    history = []
+    print("chat: type a message, Enter to send; Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input_line()
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            continue
+        try:
+            result = show(g, line, "", compare_base, history if g.template.kind == "chat" else None)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        if g.template.kind == "chat":
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": result["answer"]}]
+
+
+def input_line():
+    print(">>> ", end="", file=sys.stderr, flush=True)
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+if __name__ == "__main__":
+    run_cli(infer)

@@ -1,0 +1,149 @@
+"""Generation on a loaded model: prompts built from the run's own template, streamed, batched or compared.
+
+The template comes from the training run's run.json, so inference renders prompts exactly as training did.
+"""
+
+import contextlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from . import prompts, run
+from .backend import choose, for_inference, load_adapter, load_model
+from .errors import UserError
+
+log = logging.getLogger("sftkit")
+
+
+class Generator:
+    def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = ""):
+        self.model, self.tok, self.template, self.choice, self.adapter = model, tokenizer, template, choice, adapter
+        self.gen = dict(gen)
+        stop_ids = [tokenizer.eos_token_id]
+        if template.kind == "chat":
+            ids = tokenizer.convert_tokens_to_ids(template.stop) if template.stop in tokenizer.get_vocab() else None
+            if ids is not None:
+                stop_ids.append(ids)
+            else:  # the stop text is several tokens in this vocabulary: let generate match the string
+                self.gen.update(stop_strings=[template.stop], tokenizer=tokenizer)
+        self.gen["eos_token_id"] = stop_ids
+        self.gen["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+        self.stop_ids = set(stop_ids)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def prompt_ids(self, instruction: str, input: str = "", history=None) -> list:
+        """Token ids of one prompt, tokenized the way TRL tokenized the training rows."""
+        if not str(instruction).strip():
+            raise UserError("empty prompt: pass --instruction 'your question' (and optionally --input).")
+        if self.template.kind == "chat":
+            messages = list(history or []) + [{"role": "user", "content": instruction + (f"\n\n{input}" if input else "")}]
+            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]
+        return self.tok(prompts.render(self.template, {"instruction": instruction, "input": input}))["input_ids"]
+
+    def _generate(self, batch_ids: list, streamer=None, base: bool = False):
+        import torch
+
+        self.tok.padding_side = "left"  # decoder-only models continue from the right edge
+        enc = self.tok.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
+        ctx = self.model.disable_adapter() if base and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        with ctx, torch.inference_mode():
+            out = self.model.generate(**enc, streamer=streamer, **self.gen)
+        new = out[:, enc["input_ids"].shape[1]:]
+        results = []
+        for row in new.tolist():
+            # Cut at the first stop token; what follows is padding for rows that finished early.
+            end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
+            stopped = "eos" if end is not None else "length"
+            row = row[:end] if end is not None else row
+            text = self.tok.decode(row, skip_special_tokens=True)
+            if "stop_strings" in self.gen and self.template.stop in text:
+                text, stopped = text.split(self.template.stop, 1)[0], "eos"
+            results.append({"answer": text.strip(), "stopped": stopped, "tokens": len(row)})
+        return results
+
+    def answer(self, instruction: str, input: str = "", stream: bool = False, base: bool = False, history=None):
+        """One answer; streamed token by token to stdout (prompt not echoed) when stream is True."""
+        streamer = None
+        if stream:
+            from transformers import TextStreamer
+
+            streamer = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        return self._generate([self.prompt_ids(instruction, input, history)], streamer, base)[0]
+
+    def answer_batch(self, rows: list, base: bool = False) -> list:
+        return self._generate([self.prompt_ids(r.get("instruction", ""), r.get("input", "")) for r in rows],
+                              base=base)
+
+
+def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpaca_ko", backend: str = "auto",
+                   dtype: str = "auto", load_in_4bit: bool = True, max_seq_length: int = 0, **gen) -> Generator:
+    """Loads base model (+ adapter) from a run folder, or a plain model with a named template."""
+    if adapter:
+        record = run.read_record(adapter)
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise UserError(f"{adapter!r} has run.json but no adapter_config.json: the run did not finish saving. "
+                            "Resume it with train_unsloth.py --resume --output_dir " + adapter)
+        args = record["args"]
+        model_name = model_name or record.get("model_path") or args["model_name"]
+        template = prompts.from_text(record["template"], record["template_text"], record["template_kind"] == "chat")
+        max_seq_length = max_seq_length or args["max_seq_length"]
+        load_in_4bit = args.get("load_in_4bit", load_in_4bit)
+    elif model_name:
+        template = prompts.load(prompt)
+    else:
+        raise UserError("nothing to load: pass --adapter outputs/<run> (a folder written by train_unsloth.py), or "
+                        "--model_name <Hub id or folder> with --prompt <template> for a base model.")
+    choice = choose(backend, dtype)
+    model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
+    if template.kind == "chat":
+        tokenizer.chat_template = template.text
+    if adapter:
+        model = load_adapter(model, adapter)
+    model = for_inference(model, choice)
+    return Generator(model, tokenizer, template, choice, gen, adapter)
+
+
+def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False):
+    """Answers every row of a JSONL file in batches, appending each batch as soon as it is done.
+
+    A rerun skips the rows already in output_file, so an interrupted batch loses nothing and repeats nothing.
+    """
+    from tqdm.auto import tqdm
+
+    src = Path(input_file)
+    if not src.is_file():
+        raise UserError(f"--input_file {input_file!r} does not exist. It should be JSONL with an 'instruction' "
+                        "(and optional 'input') per line.")
+    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    dst = Path(output_file)
+    done, kept = set(), []
+    if dst.is_file():
+        for line in dst.read_text(encoding="utf-8").splitlines():
+            try:
+                done.add(json.loads(line)["index"])
+                kept.append(line)
+            except (json.JSONDecodeError, KeyError):
+                pass  # a half-written last line from a killed run: dropped here, answered again below
+        dst.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    todo = [(i, r) for i, r in enumerate(rows) if i not in done]
+    if done:
+        log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
+    with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            answers = g.answer_batch([r for _, r in chunk])
+            base = g.answer_batch([r for _, r in chunk], base=True) if compare_base else None
+            for k, ((i, r), a) in enumerate(zip(chunk, answers)):
+                out = {"index": i, **r, "answer": a["answer"], "stopped": a["stopped"]}
+                if base:
+                    out["base_answer"] = base[k]["answer"]
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    return len(todo)

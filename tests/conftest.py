@@ -1,0 +1,56 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "examples" / "tiny-llama")
+SAMPLE = str(ROOT / "examples" / "data" / "korean_safe_sample.jsonl")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if cuda_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def quick_args(tmp_path, **over):
+    """A fast CPU training run on the tiny model; learning rate high enough for the loss to move in 20 steps."""
+    args = dict(model_name=TINY, dataset=SAMPLE, max_samples=16, max_steps=20, learning_rate=1e-2, warmup_steps=0,
+                output_dir=str(tmp_path / "run"), save_steps=10, logging_steps=1)
+    args.update(over)
+    return args
+
+
+def metrics(folder):
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished training run shared by the tests that only read it."""
+    from train_unsloth import train
+
+    return train(**quick_args(tmp_path_factory.mktemp("shared")))
+
+
+def train_cmd(*args):
+    return [sys.executable, str(ROOT / "train_unsloth.py"), *args]

@@ -1,0 +1,90 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SAMPLE, TINY, quick_args, write_jsonl
+from sftkit.errors import UserError
+from sftkit.generate import open_generator, run_batch
+from train_unsloth import train
+
+ROWS = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()][150:154]
+
+
+@pytest.fixture(scope="module")
+def memorized(tmp_path_factory):
+    """A run trained hard on four rows, so the adapter's answers visibly differ from the base model's."""
+    tmp = tmp_path_factory.mktemp("mem")
+    data = write_jsonl(tmp / "four.jsonl", ROWS)
+    return train(**quick_args(tmp, dataset=data, max_steps=60, learning_rate=2e-2, gradient_accumulation_steps=1,
+                              save_steps=0, max_samples=0))
+
+
+@pytest.fixture(scope="module")
+def gen(memorized):
+    return open_generator(memorized, max_new_tokens=48, do_sample=False)
+
+
+def test_greedy_is_identical_single_streamed_and_batched(gen, capsys):
+    prompts = [{"instruction": r["instruction"], "input": r["input"]} for r in ROWS[:3]]
+    single = [gen.answer(p["instruction"], p["input"])["answer"] for p in prompts]
+    streamed = [gen.answer(p["instruction"], p["input"], stream=True)["answer"] for p in prompts]
+    printed = capsys.readouterr().out
+    batched = [a["answer"] for a in gen.answer_batch(prompts)]  # left-padded to a common length
+    assert single == streamed == batched
+    assert all(s in printed for s in single)  # the streamer printed the answers ...
+    assert "### 지시문" not in printed  # ... and not the prompt
+
+
+def test_adapter_answer_differs_from_base_and_stops_at_eos(gen):
+    tuned = gen.answer(ROWS[0]["instruction"])
+    base = gen.answer(ROWS[0]["instruction"], base=True)
+    assert tuned["stopped"] == "eos" and tuned["tokens"] < 48
+    assert tuned["answer"] != base["answer"]
+    assert tuned["answer"][:10] == ROWS[0]["output"][:10]  # it learned the start of the memorized answer
+
+
+def test_batch_resumes_without_duplicates(gen, tmp_path):
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": r["instruction"]} for r in ROWS] + [{"instruction": "x"}])
+    dst = tmp_path / "a.jsonl"
+    # Pretend an earlier run answered two rows and was killed while writing the third.
+    full = tmp_path / "full.jsonl"
+    assert run_batch(gen, src, str(full), batch_size=2) == 5
+    lines = full.read_text(encoding="utf-8").splitlines()
+    dst.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15], encoding="utf-8")
+    assert run_batch(gen, src, str(dst), batch_size=2) == 3
+    got = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines() if line.endswith("}")]
+    assert sorted(r["index"] for r in got) == [0, 1, 2, 3, 4]
+    assert {r["index"]: r["answer"] for r in got} == {json.loads(x)["index"]: json.loads(x)["answer"] for x in lines}
+
+
+def test_compare_base_prints_both(memorized):
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--instruction",
+                          ROWS[0]["instruction"], "--compare_base", "--max_new_tokens", "16"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "=== base model (adapter off) ===" in out.stdout and "=== fine-tuned (adapter on) ===" in out.stdout
+    assert "backend=hf" in out.stderr
+
+
+def test_chat_mode_reads_lines_until_eof(memorized):
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--chat",
+                          "--max_new_tokens", "12"], input=ROWS[0]["instruction"] + "\n\n" + ROWS[1]["instruction"] + "\n",
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count(">>> ") == 4  # two prompts, one blank line skipped, then EOF at the last prompt
+
+
+def test_clear_errors(tmp_path, gen):
+    with pytest.raises(UserError, match="does not exist"):
+        open_generator(str(tmp_path / "nope"))
+    with pytest.raises(UserError, match="no run.json.*--model_name"):
+        open_generator(str(tmp_path))
+    with pytest.raises(UserError, match="nothing to load"):
+        open_generator()
+    with pytest.raises(UserError, match="not found"):
+        open_generator(model_name=TINY, prompt="nope")
+    with pytest.raises(UserError, match="empty prompt"):
+        gen.answer("   ")

@@ -1,0 +1,106 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
+from sftkit.errors import UserError
+from train_unsloth import train
+
+
+def test_loss_falls_and_lora_weights_change(tiny_run):
+    losses = [m["loss"] for m in metrics(tiny_run)]
+    assert len(losses) == 20
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3  # clearly down, not noise
+    weights = load_file(str(Path(tiny_run) / "adapter_model.safetensors"))
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert len(lora_b) == 2 * 7  # 2 layers x q,k,v,o,gate,up,down
+    assert all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: any non-zero value was learned
+
+
+def test_run_json_explains_the_run(tiny_run):
+    rec = json.loads((Path(tiny_run) / "run.json").read_text())
+    assert rec["status"] == "finished"
+    assert rec["args"]["r"] == 16 and rec["args"]["optim"] == "adamw_8bit" and rec["args"]["seed"] == 3407
+    assert rec["backend"]["backend"] == "hf" and rec["backend"]["dtype"] == "fp32" and rec["backend"]["reason"]
+    assert rec["template"] == "alpaca_ko" and "### 응답:" in rec["template_text"]
+    assert rec["versions"]["transformers"] and rec["versions"]["trl"] and rec["versions"]["peft"]
+    assert rec["metrics"]["global_step"] == 20 and rec["metrics"]["train_runtime"] > 0
+    mem = rec["memory"]
+    for key in ("train_seconds", "train_minutes", "peak_reserved_gb", "peak_reserved_for_training_gb",
+                "peak_reserved_pct", "training_pct", "tokens_per_second"):
+        assert mem[key] is not None, key
+    assert mem["memory_kind"].startswith("process RSS")
+    assert rec["model_path"] == TINY and rec["data"]["rows_used"] == 16
+    assert "HF_TOKEN" not in json.dumps(rec)
+
+
+def test_adapter_reloads_and_changes_the_model(tiny_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_run)
+    ids = tok("### 지시문:\n안녕\n\n### 응답:\n", return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(TINY)
+    with torch.no_grad():
+        base_logits = base(ids).logits
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), tiny_run).eval()
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), tiny_run).eval()
+    with torch.no_grad():
+        a, b = tuned(ids).logits, again(ids).logits
+    assert torch.equal(a, b)  # reloading is deterministic
+    assert not torch.allclose(a, base_logits, atol=1e-4)  # and the adapter does something
+    g1 = tuned.generate(ids, max_new_tokens=8, do_sample=False)
+    g2 = again.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(g1, g2)
+
+
+def test_finished_run_is_never_overwritten_unless_asked(tiny_run):
+    before = (Path(tiny_run) / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="finished run.*--overwrite"):
+        train(**quick_args(Path(tiny_run).parent, max_steps=2))
+    assert (Path(tiny_run) / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_overwrite_replaces_and_resume_continues_from_the_checkpoint(tmp_path):
+    out = train(**quick_args(tmp_path, max_steps=4, save_steps=2))
+    assert json.loads((Path(out) / "run.json").read_text())["metrics"]["global_step"] == 4
+    # Resume from checkpoint-4 and go on to step 8: the new metrics start at step 5, not 1.
+    train(**quick_args(tmp_path, max_steps=8, save_steps=2, resume=True))
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == list(range(1, 9))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["resumed_from"].endswith("checkpoint-4") and rec["metrics"]["global_step"] == 8
+    out2 = train(**quick_args(tmp_path, max_steps=2, save_steps=0, overwrite=True))
+    assert [m["step"] for m in metrics(out2)] == [1, 2]
+
+
+def test_resume_without_checkpoint_and_bad_flags(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint"):
+        train(**quick_args(tmp_path, resume=True))
+    with pytest.raises(UserError, match="contradict"):
+        train(**quick_args(tmp_path, resume=True, overwrite=True))
+    with pytest.raises(UserError, match="report_to"):
+        train(**quick_args(tmp_path, report_to="mlflow"))
+
+
+def test_bad_inputs_fail_before_training(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        train(**quick_args(tmp_path, dataset="./nope.jsonl"))
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserError, match=r"columns.*question.*--columns"):
+        train(**quick_args(tmp_path, dataset=qa, overwrite=True))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "q", "input": "", "output": ""}])
+    with pytest.raises(UserError, match="no usable rows"):
+        train(**quick_args(tmp_path, dataset=empty, overwrite=True))
+    with pytest.raises(UserError, match="without config.json"):
+        train(**quick_args(tmp_path, model_name=str(tmp_path), overwrite=True))
+
+
+def test_mapped_columns_train(tmp_path):
+    rows = [{"question": f"질문 {i}", "answer": f"답 {i}"} for i in range(8)]
+    qa = write_jsonl(tmp_path / "qa.jsonl", rows)
+    out = train(**quick_args(tmp_path, dataset=qa, columns="instruction=question,output=answer", max_steps=2))
+    assert json.loads((Path(out) / "run.json").read_text())["data"]["rows_used"] == 8
