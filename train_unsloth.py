@@ -153,7 +153,8 @@ def train(
         else use_gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=2,
-        eval_strategy="steps" if eval_rows is not None else "no", eval_steps=max(logging_steps, save_steps or 10),
+        eval_strategy="steps" if eval_rows is not None else "no",
+        eval_steps=max(logging_steps, save_steps or 10) if eval_rows is not None else None,
         report_to=report_to, ddp_find_unused_parameters=False, dataset_num_proc=None,
     )
     if world == 1 and config.n_gpu > 1:

@@ -39,7 +39,8 @@ def test_for_inference_streamed_and_batched_agree(unsloth_run, capsys):
     prompts = [{"instruction": "비밀번호를 안전하게 만드는 방법은?", "input": ""},
                {"instruction": "다음 문장을 존댓말로 바꿔 주세요.", "input": "밥 먹었어?"}]
     streamed = [g.answer(p["instruction"], p["input"], stream=True)["answer"] for p in prompts]
-    assert all(s in capsys.readouterr().out for s in streamed)
+    printed = capsys.readouterr().out
+    assert printed.strip() and "### 지시문" not in printed  # streamed answers, prompt not echoed
     batched = [a["answer"] for a in g.answer_batch(prompts)]
     print("streamed:", streamed, "batched:", batched)
     assert len(batched) == 2
