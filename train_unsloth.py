@@ -19,6 +19,7 @@ from sftkit.backend import add_lora, choose, load_model
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
 from sftkit.interrupt import interrupt_callback
+from sftkit.saving import check_export_args, push, save_gguf as export_gguf, save_merged as export_merged
 
 log = logging.getLogger("sftkit")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -60,6 +61,9 @@ def train(
     output_dir: str = "",
     resume: bool = False,
     overwrite: bool = False,
+    save_merged: str = "",
+    save_gguf: str = "",
+    push_to_hub: str = "",
 ):
     """Train a LoRA adapter and write a self-describing run folder. Returns the folder's path.
 
@@ -99,6 +103,9 @@ def train(
       output_dir: run folder; default outputs/<model>-<dataset>.
       resume: continue from the newest checkpoint in output_dir.
       overwrite: replace a finished run in output_dir.
+      save_merged: also write a merged model: 16bit | 4bit (into <output_dir>/merged-<mode>).
+      save_gguf: also export GGUF with Unsloth, e.g. q4_k_m (into <output_dir>/gguf); needs llama.cpp.
+      push_to_hub: upload the adapter (or the merged model) to this Hub repo; token from HF_TOKEN.
     """
     args = dict(locals())
     if report_to not in REPORT_TO:
@@ -111,6 +118,7 @@ def train(
     # 1. Backend and dtype, before transformers/trl/peft are imported (Unsloth patches them on import).
     choice = choose(backend, dtype)
     template = prompts.load(prompt)
+    check_export_args(save_merged, push_to_hub, choice)
 
     # 2. The run folder: refuse to clobber a finished run; find the checkpoint to resume from.
     if main_rank:
@@ -205,7 +213,30 @@ def train(
         if stopped:
             log.info("stopped at step %d; continue with --resume --output_dir %s", trainer.state.global_step,
                      output_dir)
+        elif save_merged or save_gguf or push_to_hub:
+            export(model, tokenizer, record, choice, save_merged, save_gguf, push_to_hub)
     return output_dir
+
+
+def export(model, tokenizer, record, choice, save_merged, save_gguf, push_to_hub):
+    """8. Optional exports, each recorded in run.json; the adapter is already safe when they run."""
+    args, exports = record["args"], record.setdefault("exports", {})
+    out = args["output_dir"]
+    try:
+        if save_merged:
+            exports["merged"] = export_merged(model, tokenizer, out, save_merged, choice, record["model_path"],
+                                              args["load_in_4bit"])
+            log.info("merged model (%s) saved to %s", save_merged, exports["merged"])
+        if save_gguf:
+            exports["gguf"] = export_gguf(model, tokenizer, out, save_gguf, choice)
+        if push_to_hub:
+            exports["hub"] = push(exports.get("merged", out), push_to_hub)
+            log.info("uploaded to %s", exports["hub"])
+    except UserError as err:
+        exports["error"] = str(err)
+        raise
+    finally:
+        run.write_record(out, record)
 
 
 if __name__ == "__main__":

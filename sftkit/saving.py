@@ -1,0 +1,89 @@
+"""Exports after the adapter is safely on disk: a merged model, a GGUF file, an upload to the Hub.
+
+Each export runs only after train_unsloth.py has saved the adapter and a finished run.json, so a failed
+export never loses the training. The Hub token is read from HF_TOKEN and passed in memory only.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("sftkit")
+MERGED = ("", "16bit", "4bit")
+
+
+def check_export_args(save_merged: str, push_to_hub: str, choice):
+    """Fails before training, not after an hour of it."""
+    if save_merged not in MERGED:
+        raise UserError(f"--save_merged {save_merged!r} is not one of 16bit, 4bit.")
+    if save_merged == "4bit" and not choice.device.startswith("cuda"):
+        raise UserError("--save_merged 4bit needs a CUDA GPU (bitsandbytes quantizes there). Use --save_merged "
+                        "16bit on this machine.")
+    if push_to_hub and not os.environ.get("HF_TOKEN"):
+        raise UserError("--push_to_hub needs a Hugging Face token with write access in the HF_TOKEN environment "
+                        "variable (export HF_TOKEN=hf_...). It is read from there only, never saved.")
+
+
+def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: str, load_in_4bit: bool) -> str:
+    """Writes run_dir/merged-<mode>: base weights with the LoRA update folded in, loadable by plain transformers."""
+    out = str(Path(run_dir) / f"merged-{mode}")
+    if choice.backend == "unsloth":
+        # Unsloth reloads the 16-bit base itself and merges; "forced" accepts the 4-bit rounding it implies.
+        method = "merged_16bit" if mode == "16bit" else "merged_4bit_forced"
+        model.save_pretrained_merged(out, tokenizer, save_method=method)
+        return out
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    # Merge into a fresh, unquantized base rather than the training model: merging into 4-bit layers would
+    # round the base weights, and the training model stays usable.
+    kwargs = {"dtype": choice.torch_dtype(), "token": os.environ.get("HF_TOKEN") or None}
+    if mode == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=choice.torch_dtype())
+    if choice.device.startswith("cuda"):
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    base = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
+    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if choice.dtype == "fp32":
+        log.info("merged model saved in fp32, the dtype it was trained in on this CPU")
+    return out
+
+
+def save_gguf(model, tokenizer, run_dir: str, quant: str, choice) -> str:
+    """Unsloth's GGUF export (it builds llama.cpp to convert). The adapter is already saved when this runs."""
+    if choice.backend != "unsloth":
+        raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run used {choice.backend}. "
+                        f"The adapter is saved in {run_dir}: export it on a GPU machine, or merge it with "
+                        "--save_merged 16bit and convert with llama.cpp's convert_hf_to_gguf.py.")
+    out = str(Path(run_dir) / "gguf")
+    try:
+        model.save_pretrained_gguf(out, tokenizer, quantization_method=quant)
+    except Exception as err:  # llama.cpp missing, no network to fetch it, no compiler, unknown quant
+        raise UserError(f"GGUF export ({quant}) failed: {type(err).__name__}: {err}. The adapter is safe in "
+                        f"{run_dir}. Install llama.cpp (or give the machine network access) and retry on a GPU "
+                        "machine, or use --save_merged 16bit and convert with llama.cpp yourself.") from err
+    return out
+
+
+def push(folder: str, repo_id: str, api=None) -> str:
+    """Uploads the adapter (or merged) folder to repo_id; checkpoints and optimizer states stay local."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=os.environ.get("HF_TOKEN"))
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id,
+                          ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "training_args.bin",
+                                           ".run.*", "merged-*/**", "gguf/**"])
+    except Exception as err:
+        # Never echo the token: the message comes from the Hub client, which does not include it.
+        raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally in "
+                        f"{folder}; check that HF_TOKEN has write access and retry.") from err
+    return f"https://huggingface.co/{repo_id}"

@@ -1,0 +1,102 @@
+"""Data formats and the loss mask: which tokens the model is trained on."""
+
+import json
+from pathlib import Path
+
+import pytest
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+from conftest import TINY, metrics, quick_args, write_jsonl
+from sftkit import data, prompts
+from train_unsloth import train
+
+CHAT = [{"role": "user", "content": "김치찌개 끓이는 법?"}, {"role": "assistant", "content": "김치를 볶으세요."},
+        {"role": "user", "content": "더 짧게"}, {"role": "assistant", "content": "볶고 끓여요."}]
+
+
+def labels_for(rows, tok, **cfg):
+    """Runs TRL's own preparation and collator, exactly as training does, and returns the first row's labels."""
+    from transformers import AutoModelForCausalLM
+
+    args = SFTConfig(output_dir="/tmp/unused", report_to="none", bf16=False, gradient_checkpointing=False,
+                     max_length=512, **cfg)
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(TINY), processing_class=tok,
+                         train_dataset=rows, args=args)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    return batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+
+def test_answer_only_labels_token_by_token():
+    tok = AutoTokenizer.from_pretrained(TINY)
+    ds = Dataset.from_list([{"instruction": "비밀번호 {만들기}", "input": "", "output": "길게 만드세요."}])
+    rows, _ = data.prepare(ds, prompts.load("alpaca_ko"), tok.eos_token)
+    ids, labels = labels_for(rows, tok, completion_only_loss=True)
+    prompt_ids = tok(rows[0]["prompt"])["input_ids"]
+    answer_ids = tok(rows[0]["prompt"] + rows[0]["completion"])["input_ids"][len(prompt_ids):]
+    assert ids == prompt_ids + answer_ids
+    assert labels[:len(prompt_ids)] == [-100] * len(prompt_ids)  # no loss on the prompt
+    assert labels[len(prompt_ids):] == answer_ids  # loss on every answer token ...
+    assert answer_ids[-1] == tok.eos_token_id  # ... including the EOS that teaches it to stop
+
+
+def test_train_on_inputs_puts_loss_on_every_token():
+    tok = AutoTokenizer.from_pretrained(TINY)
+    ds = Dataset.from_list([{"instruction": "안녕", "input": "", "output": "반가워요."}])
+    rows, _ = data.prepare(ds, prompts.load("alpaca_ko"), tok.eos_token, train_on_inputs=True)
+    assert rows.column_names == ["text"] and rows[0]["text"].endswith(tok.eos_token)
+    ids, labels = labels_for(rows, tok, completion_only_loss=False)
+    assert labels == ids
+
+
+def test_chat_loss_covers_only_assistant_turns():
+    tok = AutoTokenizer.from_pretrained(TINY)
+    template = prompts.load("llama-3.1-chat")
+    tok.chat_template = template.text
+    rows, info = data.prepare(Dataset.from_list([{"messages": CHAT}]), template, tok.eos_token)
+    assert info["format"] == "chat"
+    ids, labels = labels_for(rows, tok, assistant_only_loss=True)
+    trained = tok.decode([i for i, l in zip(ids, labels) if l != -100])
+    assert trained == "김치를 볶으세요.<|eot_id|>볶고 끓여요.<|eot_id|>"
+    assert "김치찌개" in tok.decode(ids) and "김치찌개" not in trained
+
+
+def test_sharegpt_is_normalised_and_text_gets_eos():
+    template = prompts.load("chatml")
+    share = Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
+    rows, info = data.prepare(share, template, "</s>")
+    assert info["format"] == "chat" and rows[0]["messages"] == [{"role": "user", "content": "hi"},
+                                                                {"role": "assistant", "content": "yo"}]
+    text, info = data.prepare(Dataset.from_list([{"text": "plain"}, {"text": ""}]), template, "</s>")
+    assert info["format"] == "text" and text["text"] == ["plain</s>"] and info["rows_dropped"] == 1
+    with pytest.raises(Exception, match="instruction template"):
+        data.prepare(share, prompts.load("alpaca_ko"), "</s>")
+
+
+def test_chat_training_and_multi_turn_inference(tmp_path):
+    from sftkit.generate import open_generator
+
+    rows = [{"messages": CHAT[:2]}, {"messages": CHAT}] * 4
+    out = train(**quick_args(tmp_path, dataset=write_jsonl(tmp_path / "c.jsonl", rows), prompt="llama-3.1-chat",
+                             max_steps=30, learning_rate=2e-2, gradient_accumulation_steps=1, save_steps=0,
+                             max_samples=0))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["data"]["format"] == "chat" and rec["template_kind"] == "chat"
+    g = open_generator(out, max_new_tokens=24)
+    first = g.answer("김치찌개 끓이는 법?")
+    assert first["answer"] == "김치를 볶으세요." and first["stopped"] == "eos"  # stops at <|eot_id|>
+    history = CHAT[:1] + [{"role": "assistant", "content": first["answer"]}]
+    with_history = g.tok.decode(g.prompt_ids("더 짧게", history=history))
+    assert with_history.count("<|start_header_id|>user") == 2 and with_history.endswith("assistant<|end_header_id|>\n\n")
+    # The earlier turns are in the prompt (the 385k-parameter model is too small to be judged on using them).
+    assert g.answer("더 짧게", history=history)["stopped"] == "eos"
+
+
+def test_val_size_logs_eval_loss_and_packing_trains(tmp_path):
+    out = train(**quick_args(tmp_path, max_samples=40, val_size=0.25, max_steps=10, save_steps=5))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["metrics"]["eval_loss"] is not None
+    assert any("eval_loss" in m for m in metrics(out))
+    packed = train(**quick_args(tmp_path / "p", packing=True, max_steps=4, save_steps=0))
+    assert json.loads((Path(packed) / "run.json").read_text())["metrics"]["global_step"] == 4

@@ -1,0 +1,42 @@
+"""Ctrl-C / SIGTERM mid-training: a checkpoint and the adapter are saved, and --resume reaches the same end."""
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SAMPLE, TINY, metrics, train_cmd
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
+    out = tmp_path / "run"
+    args = ["--model_name", TINY, "--dataset", SAMPLE, "--max_steps", "300", "--save_steps", "0",
+            "--learning_rate", "1e-2", "--output_dir", str(out)]
+    proc = subprocess.Popen(train_cmd(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until training is really under way
+        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    stopped = rec["metrics"]["global_step"]
+    assert rec["status"] == "interrupted" and 5 <= stopped < 300
+    assert (out / f"checkpoint-{stopped}").is_dir() and (out / "adapter_model.safetensors").is_file()
+    assert "received" in stderr and "--resume" in stderr
+
+    done = subprocess.run(train_cmd(*args, "--resume"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 300
+    assert rec["resumed_from"].endswith(f"checkpoint-{stopped}")
+    steps = [m["step"] for m in metrics(out)]
+    assert steps == list(range(1, 301))  # every step once: nothing lost, nothing repeated

@@ -1,0 +1,80 @@
+"""Exports: merged model, GGUF, Hub upload. None may put the finished adapter at risk or leak the token."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, quick_args
+from sftkit.errors import UserError
+from train_unsloth import train
+
+SECRET = "hf_test_secret_never_written_0123456789"
+
+
+def test_merged_16bit_loads_with_plain_transformers_and_matches_base_plus_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = train(**quick_args(tmp_path, save_merged="16bit"))
+    merged_dir = Path(out) / "merged-16bit"
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["exports"]["merged"] == str(merged_dir)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tok("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"]
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())  # really merged, no adapter left
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), out).eval()
+    a = merged.generate(ids, max_new_tokens=12, do_sample=False)
+    b = adapted.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_bad_export_flags_fail_before_training(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UserError, match="needs a CUDA GPU.*16bit"):
+        train(**quick_args(tmp_path, save_merged="4bit"))
+    with pytest.raises(UserError, match="HF_TOKEN"):
+        train(**quick_args(tmp_path, push_to_hub="me/model"))
+    with pytest.raises(UserError, match="not one of"):
+        train(**quick_args(tmp_path, save_merged="8bit"))
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_gguf_failure_comes_after_the_adapter_is_safe(tmp_path):
+    with pytest.raises(UserError, match="adapter is saved"):
+        train(**quick_args(tmp_path, save_gguf="q4_k_m"))
+    run = tmp_path / "run"
+    assert (run / "adapter_model.safetensors").is_file()
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["status"] == "finished" and "--save_gguf" in rec["exports"]["error"]
+
+
+class FakeApi:
+    def __init__(self, token=None):
+        FakeApi.token, FakeApi.calls = token, []
+
+    def create_repo(self, repo_id, **kw):
+        FakeApi.calls.append(("create_repo", repo_id, kw))
+
+    def upload_folder(self, **kw):
+        FakeApi.calls.append(("upload_folder", kw))
+
+
+def test_push_uses_the_env_token_and_never_saves_or_prints_it(tmp_path, monkeypatch, capsys, caplog):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    out = train(**quick_args(tmp_path, push_to_hub="me/tiny-ko"))
+    assert FakeApi.token == SECRET  # handed to the client in memory
+    (_, repo, kw), (_, upload) = FakeApi.calls
+    assert repo == "me/tiny-ko" and kw["private"] is True
+    assert upload["folder_path"] == out and "checkpoint-*" in upload["ignore_patterns"]
+    assert json.loads((Path(out) / "run.json").read_text())["exports"]["hub"].endswith("me/tiny-ko")
+    for f in Path(out).rglob("*"):
+        if f.is_file():
+            assert SECRET.encode() not in f.read_bytes(), f
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err + caplog.text
