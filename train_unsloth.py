@@ -164,6 +164,8 @@ def train(
         eval_strategy="steps" if eval_rows is not None else "no",
         eval_steps=max(logging_steps, save_steps or 10) if eval_rows is not None else None,
         report_to=report_to, ddp_find_unused_parameters=False, dataset_num_proc=None,
+        # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
+        use_cpu=not choice.device.startswith("cuda"), ddp_backend=None if choice.device.startswith("cuda") else "gloo",
     )
     if world == 1 and config.n_gpu > 1:
         # A plain `python` run with several GPUs visible would fall into nn.DataParallel; keep to one GPU.

@@ -76,6 +76,10 @@ class Meter:
             "peak_reserved_pct": round(100 * peak / total, 3) if total else None,
             "training_pct": round(100 * (peak - self.start_gb) / total, 3) if total else None,
         }
+        if self.before["memory_kind"] == "gpu":
+            import torch
+
+            fig["peak_allocated_gb"] = round(torch.cuda.max_memory_allocated() / GB, 3)
         if tokens:
             fig["tokens"] = int(tokens)
             fig["tokens_per_second"] = round(tokens / seconds, 1) if seconds else None

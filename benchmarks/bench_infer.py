@@ -1,0 +1,103 @@
+"""Decode speed: Unsloth's for_inference vs plain transformers generate, same model, prompts and adapter.
+
+    python benchmarks/bench_infer.py --shape llama-3.1-8b
+
+Each backend runs in its own process. Both load the model in 4-bit with a fresh r=16 LoRA adapter on the
+7 notebook modules (what infer.py serves), warm up once, then time greedy decoding of exactly
+--new_tokens tokens (EOS ignored) at batch 1 and for a batch of --batch prompts. Prints a table, writes JSON.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def worker(model_dir: str, backend: str, new_tokens: int, batch: int, repeats: int, out: str):
+    from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
+
+    import torch
+
+    choice = choose(backend, "auto")
+    model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
+    model = for_inference(add_lora(model, choice, 16, 16, 0.0, TARGETS, True, 3407, True), choice)
+    rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
+    prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
+    tok.padding_side = "left"
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def timed(texts):
+        enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            outp = model.generate(**enc, **gen)
+        torch.cuda.synchronize()
+        produced = (outp.shape[1] - enc["input_ids"].shape[1]) * len(texts)
+        return produced, time.perf_counter() - t0
+
+    timed(prompts[:1])  # warm-up: kernels compiled, caches allocated
+    timed(prompts)
+    single = [timed(prompts[:1]) for _ in range(repeats)]
+    many = [timed(prompts) for _ in range(repeats)]
+    res = {"backend": choice.backend, "device": torch.cuda.get_device_name(0),
+           "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
+           f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
+           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+    Path(out).write_text(json.dumps(res))
+    print(json.dumps(res))
+
+
+def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
+         repeats: int = 3, cache: str = "/tmp/sftkit-bench", out: str = ""):
+    """Benchmark decoding and write JSON.
+
+    Args:
+      shape: llama-3.1-8b | llama-3.2-1b (random weights, built once under cache).
+      backends: comma-separated backends to compare.
+      new_tokens: tokens generated per prompt.
+      batch: prompts in the batched measurement.
+      repeats: timed repetitions of each measurement.
+      cache: folder of the generated model.
+      out: JSON path (default benchmarks/results/infer-<shape>.json).
+    """
+    from shapes import make_model
+
+    model_dir = make_model(shape, Path(cache))
+    results = []
+    for b in backends.split(","):
+        tmp = Path(cache) / f"infer-{b}.json"
+        tmp.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats), str(tmp)]
+        log = Path(cache) / f"infer-{b}.log"
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        results.append(json.loads(tmp.read_text()) if tmp.exists() else
+                       {"backend": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]})
+        print(json.dumps(results[-1])[:600], flush=True)
+    key = f"bs{batch}_tokens_per_s"
+    ok = {r["backend"]: r for r in results if "error" not in r}
+    print(f"| backend | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|")
+    for r in ok.values():
+        print(f"| {r['backend']} | {r['bs1_tokens_per_s']} | {r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x | "
+              f"{r['peak_reserved_gb']} |")
+    if "unsloth" in ok and "hf" in ok:
+        print(f"unsloth / hf at bs1: {ok['unsloth']['bs1_tokens_per_s'] / ok['hf']['bs1_tokens_per_s']:.2f}x; "
+              f"at bs{batch}: {ok['unsloth'][key] / ok['hf'][key]:.2f}x")
+    path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,
+                                "batch": batch, "results": results}, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"main": main, "worker": worker} if len(sys.argv) > 1 and sys.argv[1] == "worker" else main)

@@ -1,0 +1,159 @@
+"""Training speed and memory: Unsloth vs the plain Hugging Face QLoRA recipe, side by side, one invocation.
+
+    python benchmarks/bench_train.py --shape llama-3.1-8b                       # notebook config, both backends + fast
+    python benchmarks/bench_train.py --shape llama-3.1-8b --memory_cap_gb 15    # T4 check: fits 16 GB? longest seq?
+    python benchmarks/bench_train.py --shape tiny --backends hf --fast False    # CPU dry run of the harness
+
+Each variant runs train_unsloth.py in its own process (so each backend imports what it needs, first) on a
+random-init model of the named shape and synthetic rows whose lengths resemble the Korean data set. It
+prints a markdown table with ratios and writes JSON. Tokens are non-padding tokens (TRL's count).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from shapes import ROOT, SHAPES, make_data, make_model, train_flops_per_token  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "T4": 65, "A10": 125}  # dense bf16/fp16 spec
+
+CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
+               "total = torch.cuda.get_device_properties(0).total_memory / 2**30; "
+               "torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total)); "
+               "sys.argv[0] = sys.argv[1]; del sys.argv[1]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def peak_tflops(device: str) -> float | None:
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
+
+
+def run_variant(name, model_dir, data, work, backend, steps, extra, cap_gb, log):
+    out = work / f"run-{name}"
+    cmd = [str(ROOT / "train_unsloth.py"), "--model_name", str(model_dir), "--dataset", str(data),
+           "--backend", backend, "--max_steps", str(steps), "--save_steps", "0", "--output_dir", str(out),
+           "--overwrite", "--logging_steps", "1", *extra]
+    cmd = [sys.executable, "-c", CAP_WRAPPER, str(cap_gb), *cmd] if cap_gb else [sys.executable, *cmd]
+    t0 = time.time()
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    result = {"variant": name, "backend": backend, "args": extra, "rc": rc, "wall_s": round(time.time() - t0, 1)}
+    if rc != 0 or not (out / "run.json").exists():
+        result["error"] = Path(log).read_text(errors="replace")[-1500:]
+        return result
+    rec = json.loads((out / "run.json").read_text())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    result.update(device=rec["memory"]["device"], dtype=rec["backend"]["dtype"], steps=len(lines),
+                  peak_reserved_gb=rec["memory"]["peak_reserved_gb"],
+                  peak_allocated_gb=rec["memory"].get("peak_allocated_gb"),
+                  train_seconds=rec["memory"]["train_seconds"], final_loss=rec["metrics"]["final_loss"],
+                  micro_batch=rec["args"]["per_device_train_batch_size"],
+                  grad_accum=rec["args"]["gradient_accumulation_steps"], fast=rec.get("fast"))
+    return result
+
+
+def steady(result, metrics_path, warmup):
+    """Tokens/s and s/step over the steps after warm-up (compilation and allocator growth excluded)."""
+    lines = [json.loads(x) for x in Path(metrics_path).read_text().splitlines()]
+    after = [m for m in lines if m["step"] > warmup and m["step_time"]]
+    base = next(m for m in lines if m["step"] == warmup)
+    secs = sum(m["step_time"] for m in after)
+    tokens = after[-1]["tokens_seen"] - base["tokens_seen"]
+    result.update(tokens_per_s=round(tokens / secs, 1), s_per_step=round(secs / len(after), 3),
+                  tokens_per_step=round(tokens / len(after), 1))
+
+
+def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool = True, steps: int = 15,
+         warmup: int = 3, rows: int = 512, mean_tokens: int = 325, memory_cap_gb: float = 0.0,
+         seq_lens: str = "1024,2048,4096,8192,16384", cache: str = "/tmp/sftkit-bench", out: str = ""):
+    """Run the benchmark and write JSON.
+
+    Args:
+      shape: llama-3.1-8b | llama-3.2-1b | tiny (the bundled model, for a CPU dry run).
+      backends: comma-separated backends to compare on the notebook config (unsloth, hf).
+      fast: also run Unsloth's --fast mode at the same effective batch.
+      steps: optimizer steps per variant.
+      warmup: steps left out of the speed figures.
+      rows: synthetic rows to generate.
+      mean_tokens: mean row length in tokens (the Korean set's rows average about 325 with the template).
+      memory_cap_gb: cap GPU memory per process (e.g. 15 for a 16 GB T4), then search the longest sequence.
+      seq_lens: sequence lengths tried, in order, by the longest-sequence search under the cap.
+      cache: folder for the generated model and data (large: 16 GB for the 8B shape).
+      out: JSON path (default benchmarks/results/train-<shape>[-capN].json).
+    """
+    import torch
+
+    cache = Path(cache)
+    t0 = time.time()
+    model_dir = make_model(shape, cache)
+    data = make_data(cache / f"data-{mean_tokens}.jsonl", rows, mean_tokens)
+    print(f"model {model_dir} ready after {time.time() - t0:.0f}s", flush=True)
+    config = SHAPES[shape] or json.loads((model_dir / "config.json").read_text())
+    work = cache / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    variants = [(b, b, []) for b in backends.split(",") if b]
+    if fast:
+        variants.append(("unsloth-fast", "unsloth", ["--fast"]))
+    results = []
+    for name, backend, extra in variants:
+        print(f"running {name} ...", flush=True)
+        r = run_variant(name, model_dir, data, work, backend, steps, extra, memory_cap_gb, work / f"{name}.log")
+        if "error" not in r:
+            steady(r, work / f"run-{name}" / "metrics.jsonl", warmup)
+            tf = peak_tflops(r["device"])
+            seq = r["tokens_per_step"] / (r["micro_batch"] * r["grad_accum"])
+            r["mfu_pct"] = round(100 * r["tokens_per_s"] * train_flops_per_token(config, seq) / (tf * 1e12), 2) if tf else None
+        results.append(r)
+        print(json.dumps(r)[:600], flush=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
+              "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+              "versions": __import__("sftkit.run", fromlist=["x"]).library_versions()}
+    if memory_cap_gb:
+        report["seq_search"] = seq_search(model_dir, seq_lens, memory_cap_gb, work)
+    print(table(results))
+    path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
+def seq_search(model_dir, seq_lens, cap_gb, work):
+    """Longest sequence that trains (batch 2) under the cap: one process, lengths tried in increasing order."""
+    cmd = [sys.executable, str(HERE / "seq_search.py"), "--model_dir", str(model_dir), "--seq_lens", seq_lens,
+           "--memory_cap_gb", str(cap_gb), "--out", str(work / "seq_search.json")]
+    with open(work / "seq_search.log", "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+    if not (work / "seq_search.json").exists():
+        return {"rc": rc, "error": (work / "seq_search.log").read_text(errors="replace")[-1500:]}
+    return json.loads((work / "seq_search.json").read_text())
+
+
+def table(results) -> str:
+    ok = [r for r in results if "error" not in r]
+    ref = next((r for r in ok if r["backend"] == "hf"), None)
+    head = ("| variant | micro-batch x accum | tokens/s | s/step | peak reserved GB | peak allocated GB | MFU % "
+            "| tokens/s vs hf | reserved vs hf |\n|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['variant']} | failed (rc {r['rc']}) | | | | | | | |")
+            continue
+        rs = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else ""
+        rm = f"{r['peak_reserved_gb'] / ref['peak_reserved_gb']:.2f}x" if ref else ""
+        rows.append(f"| {r['variant']} | {r['micro_batch']} x {r['grad_accum']} | {r['tokens_per_s']} | "
+                    f"{r['s_per_step']} | {r['peak_reserved_gb']} | {r.get('peak_allocated_gb')} | "
+                    f"{r.get('mfu_pct')} | {rs} | {rm} |")
+    return head + "\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import fire
+
+    fire.Fire(main)

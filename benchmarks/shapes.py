@@ -1,0 +1,99 @@
+"""Random-init models of real Llama shapes, and synthetic data shaped like the Korean data set.
+
+No weights are downloaded: a model is built from its config with random weights (speed and memory do not
+depend on the values) and saved once under a cache folder. The tokenizer is the tiny model's (2k tokens);
+the model keeps the real 128k vocabulary, so embedding, lm_head and logits cost what they really cost.
+"""
+
+import json
+import random
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "examples" / "tiny-llama"
+SAMPLE = ROOT / "examples" / "data" / "korean_safe_sample.jsonl"
+
+SHAPES = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                         max_position_embeddings=131072),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072),
+    "tiny": None,  # the bundled tiny model, for a CPU dry run of the harness
+}
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def make_model(shape: str, cache: Path) -> Path:
+    """Builds (once) a random-init bf16 model of the named shape with the tiny tokenizer; returns its folder."""
+    if SHAPES.get(shape, 1) == 1:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if SHAPES[shape] is None:
+        return TINY
+    out = cache / shape
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    config = LlamaConfig(**SHAPES[shape], rope_parameters=ROPE, rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # initialise on the GPU: an 8B model in bf16 takes seconds there, minutes on a CPU
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="5GB")
+    tok.save_pretrained(out)
+    del model
+    return out
+
+
+def token_lengths(n: int, mean: int, seed: int) -> list:
+    """Row lengths like an instruction data set: log-normal around `mean`, clipped to [32, 4 * mean]."""
+    rnd = random.Random(seed)
+    return [int(min(max(rnd.lognormvariate(0, 0.6) * mean / 1.2, 32), 4 * mean)) for _ in range(n)]
+
+
+def make_data(path: Path, n: int = 512, mean_tokens: int = 325, fixed: int = 0, seed: int = 0) -> Path:
+    """Alpaca rows built from the Korean sample's sentences; `fixed` > 0 makes every row that many tokens."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    rows = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    pieces = [tok(r["output"], add_special_tokens=False)["input_ids"] for r in rows]
+    rnd = random.Random(seed)
+    lengths = [fixed] * n if fixed else token_lengths(n, mean_tokens, seed)
+    out = []
+    for length in lengths:
+        prompt = rows[rnd.randrange(len(rows))]["instruction"]
+        budget = max(length - len(tok(prompt)["input_ids"]) - 40, 8)  # ~40 tokens of template headings
+        ids = []
+        while len(ids) < budget:
+            ids += pieces[rnd.randrange(len(pieces))]
+        out.append({"instruction": prompt, "input": "", "output": tok.decode(ids[:budget])})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out), encoding="utf-8")
+    return path
+
+
+def param_count(shape_or_config: dict) -> dict:
+    """Parameters of the matmuls a token passes through (decoder linears + lm_head), and the embedding."""
+    c = shape_or_config
+    h, i, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    hd = c.get("head_dim") or h // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return {"linear": L * per_layer, "lm_head": v * h, "embedding": v * h}
+
+
+def train_flops_per_token(c: dict, seq: float) -> float:
+    """Model FLOPs per trained token for LoRA: forward 2N plus backward through activations 2N (frozen base
+    weights need no weight gradients), plus attention scores and values (4·L·seq·d forward, twice that in all).
+    Recomputation by gradient checkpointing is overhead, not model FLOPs, so it is not counted (as in MFU)."""
+    n = param_count(c)
+    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    attn = 4 * c["num_hidden_layers"] * seq * c["num_attention_heads"] * hd / 2  # causal: half the matrix
+    return 4 * (n["linear"] + n["lm_head"]) + 2 * attn
