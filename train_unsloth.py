@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from sftkit import data, memory, prompts, run
+from sftkit import batching, data, memory, prompts, run
 from sftkit.backend import add_lora, choose, load_model
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
@@ -55,6 +55,7 @@ def train(
     lr_scheduler_type: str = "linear",
     seed: int = 3407,
     packing: bool = False,
+    fast: bool = False,
     logging_steps: int = 1,
     save_steps: int = 20,
     report_to: str = "none",
@@ -97,6 +98,7 @@ def train(
       lr_scheduler_type: learning-rate schedule (linear, cosine, constant, ...).
       seed: random seed for LoRA init, data order and dropout.
       packing: pack several short rows into each sequence (fewer pad tokens, faster).
+      fast: same effective batch in the largest micro-batch the GPU holds (see sftkit/batching.py).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = only at the end).
       report_to: none | tensorboard | wandb.
@@ -139,6 +141,19 @@ def train(
     model = add_lora(model, choice, r, lora_alpha, lora_dropout, target_modules.split(","),
                              use_gradient_checkpointing, seed, load_in_4bit)
     meter = memory.Meter().start()
+    fast_plan = None
+    if fast:  # same rows per optimizer step, fewer and larger micro-batches
+        fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps,
+                                  max_seq_length, r, target_modules.split(","), optim, use_gradient_checkpointing,
+                                  choice)
+        fast_plan["requested"] = [per_device_train_batch_size, gradient_accumulation_steps]
+        log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d): %s",
+                 fast_plan["per_device_train_batch_size"], fast_plan["gradient_accumulation_steps"],
+                 per_device_train_batch_size, gradient_accumulation_steps, fast_plan["reason"])
+        per_device_train_batch_size = fast_plan["per_device_train_batch_size"]
+        gradient_accumulation_steps = fast_plan["gradient_accumulation_steps"]
+        args.update(per_device_train_batch_size=per_device_train_batch_size,
+                    gradient_accumulation_steps=gradient_accumulation_steps)
     log.info("data: %s format, %d rows used (%d dropped), %s eval rows; template %s; world size %d, effective "
              "batch %d (%d per device x %d accumulation x %d)", data_info["format"], len(train_rows),
              data_info["rows_dropped"], len(eval_rows) if eval_rows is not None else 0, template.name, world,
@@ -165,7 +180,8 @@ def train(
         eval_steps=max(logging_steps, save_steps or 10) if eval_rows is not None else None,
         report_to=report_to, ddp_find_unused_parameters=False, dataset_num_proc=None,
         # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
-        use_cpu=not choice.device.startswith("cuda"), ddp_backend=None if choice.device.startswith("cuda") else "gloo",
+        use_cpu=not choice.device.startswith("cuda"),
+        ddp_backend="gloo" if world > 1 and not choice.device.startswith("cuda") else None,
     )
     if world == 1 and config.n_gpu > 1:
         # A plain `python` run with several GPUs visible would fall into nn.DataParallel; keep to one GPU.
@@ -179,7 +195,7 @@ def train(
               # infer.py reloads the base from here, whatever folder it is run from
               "model_path": str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name, "template": template.name,
               "template_kind": template.kind, "template_text": template.text, "data": data_info,
-              "notes": notes, "versions": run.library_versions(), "world_size": world,
+              "notes": notes, "fast": fast_plan, "versions": run.library_versions(), "world_size": world,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(ckpt) if ckpt else None}
     if main_rank:
         run.write_record(output_dir, record)

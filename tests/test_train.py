@@ -104,3 +104,15 @@ def test_mapped_columns_train(tmp_path):
     qa = write_jsonl(tmp_path / "qa.jsonl", rows)
     out = train(**quick_args(tmp_path, dataset=qa, columns="instruction=question,output=answer", max_steps=2))
     assert json.loads((Path(out) / "run.json").read_text())["data"]["rows_used"] == 8
+
+
+def test_fast_mode_regroups_micro_batches_without_changing_what_is_learned(tmp_path):
+    slow = train(**quick_args(tmp_path / "a", max_steps=4, save_steps=0, max_samples=32))
+    fast = train(**quick_args(tmp_path / "b", max_steps=4, save_steps=0, max_samples=32, fast=True))
+    rec = json.loads((Path(fast) / "run.json").read_text())
+    assert (rec["args"]["per_device_train_batch_size"], rec["args"]["gradient_accumulation_steps"]) == (8, 1)
+    assert rec["fast"]["requested"] == [2, 4]
+    a, b = metrics(slow), metrics(fast)
+    assert [m["tokens_seen"] for m in a] == [m["tokens_seen"] for m in b]  # the same rows in each step
+    for x, y in zip(a, b):  # and the same loss, step after step: the same updates were made
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
