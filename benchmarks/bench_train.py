@@ -100,6 +100,11 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool =
     if fast:
         variants.append(("unsloth-fast", "unsloth", ["--fast"]))
     results = []
+    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
+              "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+              "versions": __import__("sftkit.run", fromlist=["x"]).library_versions()}
+    path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
     for name, backend, extra in variants:
         print(f"running {name} ...", flush=True)
         r = run_variant(name, model_dir, data, work, backend, steps, extra, memory_cap_gb, work / f"{name}.log")
@@ -110,17 +115,17 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool =
             r["mfu_pct"] = round(100 * r["tokens_per_s"] * train_flops_per_token(config, seq) / (tf * 1e12), 2) if tf else None
         results.append(r)
         print(json.dumps(r)[:600], flush=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
-              "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
-              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
-              "versions": __import__("sftkit.run", fromlist=["x"]).library_versions()}
+        save(report, path)  # after every variant: a run cut short still leaves its numbers
     if memory_cap_gb:
         report["seq_search"] = seq_search(model_dir, seq_lens, memory_cap_gb, work)
+        save(report, path)
     print(table(results))
-    path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
+    print(f"wrote {path}")
+
+
+def save(report, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
 
 
 def seq_search(model_dir, seq_lens, cap_gb, work):
