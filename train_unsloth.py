@@ -179,6 +179,7 @@ def train(
         eval_strategy="steps" if eval_rows is not None else "no",
         eval_steps=max(logging_steps, save_steps or 10) if eval_rows is not None else None,
         report_to=report_to, ddp_find_unused_parameters=False, dataset_num_proc=None,
+        include_num_input_tokens_seen="non_padding",  # the same count on both backends (Unsloth logs no num_tokens)
         # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
         use_cpu=not choice.device.startswith("cuda"),
         ddp_backend="gloo" if world > 1 and not choice.device.startswith("cuda") else None,
@@ -216,7 +217,7 @@ def train(
 
     # 7. Save: adapter + tokenizer, then the record with metrics, time and memory.
     trainer.save_model(output_dir)
-    tokens = next((h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), None)
+    tokens = trainer.state.num_input_tokens_seen  # non-padding tokens, summed over ranks
     figures = meter.finish(result.metrics.get("train_runtime"), tokens)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     record.update(status="interrupted" if stopped else "finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -121,10 +121,10 @@ def metrics_callback(path):
             self.last = (now, state.global_step)
             line = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs.get("loss"),
                     "learning_rate": logs.get("learning_rate"), "step_time": step_time,
-                    "tokens_seen": logs.get("num_tokens")}
+                    "tokens_seen": state.num_input_tokens_seen or logs.get("num_tokens")}
             if "eval_loss" in logs:
                 line["eval_loss"] = logs["eval_loss"]
-            if "train_runtime" in logs:  # the end-of-training summary line is not a step
+            if "train_loss" in logs:  # the end-of-training summary line is not a step
                 return
             line.update(_memory_now())
             with self.path.open("a", encoding="utf-8") as f:
