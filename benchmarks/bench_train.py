@@ -130,7 +130,8 @@ def save(report, path):
 
 def seq_search(model_dir, seq_lens, cap_gb, work):
     """Longest sequence that trains (batch 2) under the cap: one process, lengths tried in increasing order."""
-    cmd = [sys.executable, str(HERE / "seq_search.py"), "--model_dir", str(model_dir), "--seq_lens", seq_lens,
+    lens = ",".join(str(x) for x in seq_lens) if isinstance(seq_lens, (tuple, list)) else str(seq_lens)
+    cmd = [sys.executable, str(HERE / "seq_search.py"), "--model_dir", str(model_dir), "--seq_lens", lens,
            "--memory_cap_gb", str(cap_gb), "--out", str(work / "seq_search.json")]
     with open(work / "seq_search.log", "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode

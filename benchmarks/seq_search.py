@@ -42,7 +42,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
         total = torch.cuda.get_device_properties(0).total_memory / GB
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb / total))
     choice = choose(backend, "auto")
-    lens = [int(x) for x in str(seq_lens).split(",")]
+    lens = [int(x) for x in (seq_lens if isinstance(seq_lens, (tuple, list)) else str(seq_lens).split(","))]
     model, tok, _ = load_model(model_dir, max(lens), choice, load_in_4bit=True)
     model = add_lora(model, choice, r, r, 0.0, TARGETS, True, 3407, True)
     weights_gb = torch.cuda.memory_allocated() / GB

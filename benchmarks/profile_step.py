@@ -1,0 +1,104 @@
+"""Where an optimizer step's time goes: GPU kernel time vs wall time, and how many kernels were launched.
+
+    python benchmarks/profile_step.py --model_dir .bench-cache/llama-3.1-8b --configs 2x4,8x1
+
+Loads the model once (Unsloth on a GPU), then for each micro-batch x accumulation config trains a few steps
+on the synthetic Korean-length rows and profiles one step with torch.profiler. If the GPU is busy for only a
+small part of the wall time, the step is bound by the CPU issuing kernels, not by the GPU.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", out: str = ""):
+    """Profile one optimizer step (the last of `steps`) for each config.
+
+    Args:
+      model_dir: model folder (benchmarks/shapes.py builds one).
+      configs: comma-separated micro-batch x accumulation pairs, e.g. 2x4,8x1.
+      steps: steps per config; the last one is profiled.
+      backend: auto | unsloth | hf.
+      out: JSON path for the results.
+    """
+    from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
+
+    import torch
+    from datasets import Dataset
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from shapes import make_data
+    from sftkit import data, prompts
+
+    choice = choose(backend, "auto")
+    model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
+    model = add_lora(model, choice, 16, 16, 0.0, TARGETS, True, 3407, True)
+    path = make_data(Path("/tmp/sftkit-bench/profile.jsonl"), n=256, mean_tokens=325)
+    raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
+    rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+
+    class Profile(TrainerCallback):
+        def __init__(self):
+            self.prof, self.t0, self.tokens0 = None, None, 0
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == steps - 1:
+                torch.cuda.synchronize()
+                self.tokens0 = state.num_input_tokens_seen
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is not None and self.t0 is not None and state.global_step == steps:
+                torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.t0
+                self.prof.__exit__(None, None, None)
+                self.tokens = state.num_input_tokens_seen - self.tokens0
+                self.t0 = None
+
+    results = []
+    for cfg in configs.split(","):
+        micro, accum = (int(x) for x in cfg.split("x"))
+        cb = Profile()
+        args = SFTConfig(output_dir="/tmp/sftkit-bench/prof", per_device_train_batch_size=micro,
+                         gradient_accumulation_steps=accum, max_steps=steps, learning_rate=2e-4, optim="adamw_8bit",
+                         bf16=choice.dtype == "bf16", fp16=choice.dtype == "fp16", logging_steps=1, report_to="none",
+                         save_strategy="no", gradient_checkpointing=False, max_length=2048, dataset_num_proc=None,
+                         include_num_input_tokens_seen="non_padding")
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=args, callbacks=[cb])
+        trainer.train()
+        events = cb.prof.events()
+        # Kernel time: device-side self time of CUDA kernels (memcpy/memset included), summed.
+        gpu_us = sum(e.self_device_time_total for e in events if getattr(e, "device_type", None) is not None
+                     and "CUDA" in str(e.device_type))
+        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
+                                                       "cuLaunchKernelEx"))
+        top = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
+        r = {"config": cfg, "wall_s": round(cb.wall, 3), "gpu_kernel_s": round(gpu_us / 1e6, 3),
+             "gpu_busy_pct": round(100 * gpu_us / 1e6 / cb.wall, 1), "kernel_launches": launches,
+             "cpu_us_per_launch": round(cb.wall * 1e6 / max(launches, 1), 1), "tokens": cb.tokens,
+             "tokens_per_s": round(cb.tokens / cb.wall, 1),
+             "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in top]}
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        del trainer
+    report = {"model_dir": str(model_dir), "backend": choice.backend, "device": torch.cuda.get_device_name(0),
+              "results": results}
+    if out:
+        Path(out).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
