@@ -234,6 +234,11 @@ def train(
                      output_dir)
         elif save_merged or save_gguf or push_to_hub:
             export(model, tokenizer, record, choice, save_merged, save_gguf, push_to_hub)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # a clean exit for every rank (gloo aborts otherwise)
+        dist.barrier()
+        dist.destroy_process_group()
     return output_dir
 
 

@@ -18,7 +18,8 @@ sys.path.insert(0, str(HERE))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", out: str = ""):
+def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", extra: str = "",
+         out: str = ""):
     """Profile one optimizer step (the last of `steps`) for each config.
 
     Args:
@@ -26,6 +27,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
       configs: comma-separated micro-batch x accumulation pairs, e.g. 2x4,8x1.
       steps: steps per config; the last one is profiled.
       backend: auto | unsloth | hf.
+      extra: JSON of further SFTConfig fields for configs marked with a '+' (e.g. 8x1+), to test one setting.
       out: JSON path for the results.
     """
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
@@ -67,16 +69,17 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
                 self.t0 = None
 
     results = []
-    for cfg in configs.split(","):
-        micro, accum = (int(x) for x in cfg.split("x"))
+    for cfg in (configs if isinstance(configs, (tuple, list)) else configs.split(",")):
+        micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))
+        more = (extra if isinstance(extra, dict) else json.loads(extra)) if cfg.endswith("+") and extra else {}
         cb = Profile()
         args = SFTConfig(output_dir="/tmp/sftkit-bench/prof", per_device_train_batch_size=micro,
                          gradient_accumulation_steps=accum, max_steps=steps, learning_rate=2e-4, optim="adamw_8bit",
                          bf16=choice.dtype == "bf16", fp16=choice.dtype == "fp16", logging_steps=1, report_to="none",
                          save_strategy="no", gradient_checkpointing=False, max_length=2048, dataset_num_proc=None,
-                         include_num_input_tokens_seen="non_padding")
+                         include_num_input_tokens_seen="non_padding", **more)
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=args, callbacks=[cb])
-        trainer.train()
+        res = trainer.train()
         events = cb.prof.events()
         # Kernel time: device-side self time of CUDA kernels (memcpy/memset included), summed.
         gpu_us = sum(e.self_device_time_total for e in events if getattr(e, "device_type", None) is not None
@@ -84,10 +87,11 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
         launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
                                                        "cuLaunchKernelEx"))
         top = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
-        r = {"config": cfg, "wall_s": round(cb.wall, 3), "gpu_kernel_s": round(gpu_us / 1e6, 3),
+        r = {"config": cfg, "extra": more, "wall_s": round(cb.wall, 3), "gpu_kernel_s": round(gpu_us / 1e6, 3),
              "gpu_busy_pct": round(100 * gpu_us / 1e6 / cb.wall, 1), "kernel_launches": launches,
              "cpu_us_per_launch": round(cb.wall * 1e6 / max(launches, 1), 1), "tokens": cb.tokens,
              "tokens_per_s": round(cb.tokens / cb.wall, 1),
+             "avg_step_s_all_steps": round(res.metrics["train_runtime"] / steps, 3),
              "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in top]}
         results.append(r)
         print(json.dumps(r), flush=True)

@@ -64,13 +64,13 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
                         gradient_accumulation_steps=1, max_steps=steps, max_length=length, learning_rate=2e-4,
                         optim="adamw_8bit", bf16=choice.dtype == "bf16", fp16=choice.dtype == "fp16",
                         logging_steps=1, report_to="none", save_strategy="no", gradient_checkpointing=False,
-                        dataset_num_proc=None)
+                        dataset_num_proc=None, include_num_input_tokens_seen="non_padding")
         trainer = None
         try:
             trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=cfg)
             t0 = time.time()
             trainer.train()
-            tokens = next(h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h)
+            tokens = trainer.state.num_input_tokens_seen  # Unsloth's trainer logs no num_tokens
             results.append({"seq_len": length, "ok": True, "tokens_per_row": round(tokens / (batch * steps)),
                             "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / GB, 3),
                             "peak_allocated_gb": round(torch.cuda.max_memory_allocated() / GB, 3),
