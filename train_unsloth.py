@@ -189,6 +189,8 @@ def train(
         visible, config._n_gpu = config.n_gpu, 1
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
+    if fast_plan and choice.backend == "unsloth" and ckpt is None:
+        batching.warm_up(model, tokenizer, train_rows, per_device_train_batch_size, max_seq_length, optim, choice)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
                          args=config, callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
                                                  interrupt_callback()])

@@ -43,3 +43,25 @@ def plan(model_name: str, per_device: int, accum: int, max_seq_length: int, r: i
                               f"{max_seq_length} tokens/row) is within {int(BUDGET * 100)}% of {capacity:.1f} GiB"}
     return {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": accum,
             "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}
+
+
+def warm_up(model, tokenizer, rows, micro_batch: int, max_length: int, optim: str, choice):
+    """One throw-away optimizer step at learning rate 0 before the real trainer starts (fast mode, Unsloth).
+
+    Measured on an H100 (benchmarks/results/profile-twice.json): the first SFTTrainer in a process ran the
+    8B model at ~2 s per step and a second one, same model and settings, at ~0.65 s. A step at lr 0 changes
+    no weight (AdamW's update and decay are both scaled by lr), its optimizer is discarded, and the real
+    trainer re-seeds itself, so what is learned is unchanged.
+    """
+    import tempfile
+
+    from trl import SFTConfig, SFTTrainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
+                         max_steps=1, learning_rate=0.0, weight_decay=0.0, warmup_steps=0, optim=optim,
+                         bf16=choice.dtype == "bf16", fp16=choice.dtype == "fp16", max_length=max_length,
+                         report_to="none", save_strategy="no", logging_strategy="no", gradient_checkpointing=False,
+                         dataset_num_proc=None, disable_tqdm=True)
+        SFTTrainer(model=model, processing_class=tokenizer, args=args,
+                   train_dataset=rows.select(range(min(micro_batch, len(rows))))).train()
