@@ -28,20 +28,20 @@ OPTIMIZER_STATE_BYTES = {  # per trainable parameter: AdamW keeps two states (ex
     "adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_32bit": 8, "adafactor": 4, "sgd": 0,
 }
 
-# --- Activations and overhead: first guesses, TO BE CALIBRATED against measured GPU runs. -------------------
-# Working set of the one decoder layer being recomputed and back-propagated under Unsloth's offloaded gradient
-# checkpointing, in 16-bit elements per token: about 10 hidden-sized tensors (input, norm outputs, q/k/v,
-# attention output, residual, and their gradients) plus 5 intermediate-sized ones (gate, up, act(gate)*up and
-# two gradients). Flash/SDPA attention keeps no seq x seq matrix.
-ACT_HIDDEN_COEF = 10
-ACT_INTERMEDIATE_COEF = 5
-# Layer-input checkpoints are copied to CPU; this many layers' worth sit on the GPU while in flight.
-OFFLOAD_BUFFER_LAYERS = 1
-# Logits: batch x seq x vocab materialised once in 16 bits; Unsloth's cross-entropy kernel upcasts per chunk
-# and writes the gradient in place. (Plain transformers upcasts to fp32: about 3x this.)
-LOGIT_BYTES = 2
-# CUDA context, cuBLAS workspaces and caching-allocator slack: not in the formulas above but taken from the card.
-RUNTIME_OVERHEAD_GIB = 0.5
+# --- Activations and overhead: fitted to measured Unsloth runs (benchmarks/README.md, "Memory estimate"). ----
+# Peak reserved memory was measured on an H100 for the Llama-3.2-1B and Llama-3.1-8B shapes at 512-8192 tokens
+# x 2 rows (benchmarks/seq_search.py). It grows linearly with tokens: 212 KiB/token (8B), 157 KiB/token (1B).
+# The per-token bytes are modelled as (ACT_HIDDEN_COEF x hidden + ACT_INTERMEDIATE_COEF x intermediate) x 2 B
+# for the layer being recomputed, + OFFLOAD_BUFFER_LAYERS x hidden x 2 B of checkpoints in flight to the CPU,
+# + vocab x LOGIT_BYTES; the two shapes fix the scale of the layer terms (0.53 of a naive 10h + 5i + 1h count)
+# and of the logits (0.73 B per vocab entry: Unsloth's cross-entropy works on chunks, never on all fp32 logits).
+ACT_HIDDEN_COEF = 5.3
+ACT_INTERMEDIATE_COEF = 2.64
+OFFLOAD_BUFFER_LAYERS = 0.53
+LOGIT_BYTES = 0.73
+# CUDA context, cuBLAS workspaces and caching-allocator slack: the measured intercept (at zero tokens) less the
+# weights and LoRA state; 0.63 (8B) and 0.62 GiB (1B).
+RUNTIME_OVERHEAD_GIB = 0.62
 
 # GiB that torch sees on each card (torch.cuda.get_device_properties().total_memory), less than nvidia-smi's
 # total. A T4 shows 14.56-14.76 depending on the driver (OOM messages; the Unsloth notebook prints "Max memory =
