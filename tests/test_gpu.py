@@ -57,3 +57,37 @@ def test_chat_format_through_unsloth(tmp_path):
     out = train(**quick_args(tmp_path, backend="unsloth", dataset=data, prompt="llama-3.1-chat", max_steps=5))
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["data"]["format"] == "chat" and rec["status"] == "finished" and rec["backend"]["backend"] == "unsloth"
+
+
+def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
+    """Unsloth's merged save loads with plain transformers and gives the adapter's greedy tokens."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from train_unsloth import train
+
+    out = train(**quick_args(tmp_path, backend="unsloth", max_steps=10, save_merged="16bit", save_steps=0))
+    merged_dir = Path(out) / "merged-16bit"
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    ids = tok("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"].cuda()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).cuda().eval()
+    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda()
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    a = merged.generate(ids, max_new_tokens=12, do_sample=False)
+    b = adapted.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(a, b)
+
+
+def test_gguf_without_llama_cpp_fails_after_the_adapter_is_saved(tmp_path):
+    from sftkit.errors import UserError
+    from train_unsloth import train
+
+    try:
+        train(**quick_args(tmp_path, backend="unsloth", max_steps=3, save_gguf="q4_k_m", save_steps=0))
+    except UserError as err:  # the machine is offline: llama.cpp can be neither fetched nor built
+        assert "adapter is safe" in str(err)
+    else:  # a machine that has llama.cpp exports for real
+        assert any((tmp_path / "run" / "gguf").glob("*.gguf"))
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
