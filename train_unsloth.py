@@ -110,6 +110,9 @@ def train(
       push_to_hub: upload the adapter (or the merged model) to this Hub repo; token from HF_TOKEN.
     """
     args = dict(locals())
+    # Fire turns `--target_modules q_proj,v_proj` into a tuple; a Python caller may pass a string.
+    modules = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
+    args["target_modules"] = modules
     if report_to not in REPORT_TO:
         raise UserError(f"--report_to {report_to!r} is not one of {', '.join(REPORT_TO)}.")
     output_dir = output_dir or run.default_name(model_name, dataset)
@@ -138,13 +141,13 @@ def train(
     rows, data_info = data.prepare(raw, template, tokenizer.eos_token, data_format, columns, max_samples,
                                    train_on_inputs)
     train_rows, eval_rows = data.split_eval(rows, val_size, seed)
-    model = add_lora(model, choice, r, lora_alpha, lora_dropout, target_modules.split(","),
+    model = add_lora(model, choice, r, lora_alpha, lora_dropout, modules,
                              use_gradient_checkpointing, seed, load_in_4bit)
     meter = memory.Meter().start()
     fast_plan = None
     if fast:  # same rows per optimizer step, fewer and larger micro-batches
         fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps,
-                                  max_seq_length, r, target_modules.split(","), optim, use_gradient_checkpointing,
+                                  max_seq_length, r, modules, optim, use_gradient_checkpointing,
                                   choice)
         fast_plan["requested"] = [per_device_train_batch_size, gradient_accumulation_steps]
         log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d): %s",

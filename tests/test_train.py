@@ -116,3 +116,21 @@ def test_fast_mode_regroups_micro_batches_without_changing_what_is_learned(tmp_p
     assert [m["tokens_seen"] for m in a] == [m["tokens_seen"] for m in b]  # the same rows in each step
     for x, y in zip(a, b):  # and the same loss, step after step: the same updates were made
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_cli_target_modules_and_counts_as_fire_parses_them(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "cli"
+    done = subprocess.run([sys.executable, str(ROOT / "train_unsloth.py"), "--model_name", TINY, "--dataset", SAMPLE,
+                           "--max_steps", "2", "--target_modules", "q_proj,v_proj", "--val_size", "20",
+                           "--output_dir", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["args"]["target_modules"] == ["q_proj", "v_proj"]
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "v_proj"}  # LoRA only where asked
+    assert rec["data"]["rows_used"] == 231 and rec["metrics"]["eval_loss"] is not None  # 20 rows held out
