@@ -9,6 +9,8 @@ Defaults follow the Unsloth Llama 3.1 (8B) Alpaca notebook. The story: arguments
 model + LoRA -> data -> SFTTrainer -> train -> adapter + run.json + metrics.jsonl -> memory/time report.
 """
 
+import importlib.util
+import inspect
 import logging
 import os
 import time
@@ -110,29 +112,36 @@ def train(
       push_to_hub: upload the adapter (or the merged model) to this Hub repo; token from HF_TOKEN.
     """
     args = dict(locals())
+    output_dir = args["output_dir"] = output_dir or run.default_name(model_name, dataset)
+    if resume:  # continue exactly the recorded run: arguments left at their defaults take the recorded values
+        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
+        resolved = run.resume_args(output_dir, args, defaults)
+        if resolved != args:
+            return train(**resolved)
     # Fire turns `--target_modules q_proj,v_proj` into a tuple; a Python caller may pass a string.
     modules = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
     args["target_modules"] = modules
-    if report_to not in REPORT_TO:
-        raise UserError(f"--report_to {report_to!r} is not one of {', '.join(REPORT_TO)}.")
-    output_dir = output_dir or run.default_name(model_name, dataset)
-    args["output_dir"] = output_dir
+    check_numbers(args)
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise UserError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     main_rank = rank == 0
 
     # 1. Backend and dtype, before transformers/trl/peft are imported (Unsloth patches them on import).
     choice = choose(backend, dtype)
     template = prompts.load(prompt)
-    check_export_args(save_merged, push_to_hub, choice)
+    check_export_args(save_merged, save_gguf, push_to_hub, choice)
 
-    # 2. The run folder: refuse to clobber a finished run; find the checkpoint to resume from.
+    # 2. The run folder: refuse to clobber a finished run; find the checkpoint to resume from. Nothing is
+    # deleted yet: --overwrite takes effect only once data and model have loaded.
     if main_rank:
-        ckpt = run.prepare(output_dir, overwrite=overwrite, resume=resume)
+        ckpt = run.prepare(output_dir, overwrite=overwrite, resume=resume, max_steps=max_steps)
     else:  # rank 0 owns the folder; the others only need the checkpoint to resume
-        ckpt = run.checkpoints(Path(output_dir))[-1] if resume else None
+        ckpt = (run.checkpoints(Path(output_dir)) or [None])[-1] if resume else None
 
     # 3. Data, read and checked before the (slow) model load so bad input fails fast.
     raw = data.load_dataset_any(dataset, dataset_split)
+    data.prepare(raw, template, "", data_format, columns, max_samples, train_on_inputs, quiet=True)
 
     # 4. Model, tokenizer and LoRA.
     model, tokenizer, notes = load_model(model_name, max_seq_length, choice, load_in_4bit)
@@ -192,37 +201,46 @@ def train(
         visible, config._n_gpu = config.n_gpu, 1
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
-    if fast_plan and choice.backend == "unsloth" and ckpt is None:
-        batching.warm_up(model, tokenizer, train_rows, per_device_train_batch_size, max_seq_length, optim, choice)
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
-                         args=config, callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
-                                                 interrupt_callback()])
+    if main_rank and ckpt is None:
+        run.clear(output_dir)  # only now does --overwrite delete the old run: everything above has loaded
     record = {"status": "running", "args": args, "backend": choice.as_dict(),
               # infer.py reloads the base from here, whatever folder it is run from
-              "model_path": str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name, "template": template.name,
-              "template_kind": template.kind, "template_text": template.text, "data": data_info,
-              "notes": notes, "fast": fast_plan, "versions": run.library_versions(), "world_size": world,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "resumed_from": str(ckpt) if ckpt else None}
+              "model_path": str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name,
+              "template": template.name, "template_kind": template.kind, "template_text": template.text,
+              "data": data_info, "notes": notes, "fast": fast_plan, "versions": run.library_versions(),
+              "world_size": world, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "resumed_from": str(ckpt) if ckpt else None}
     if main_rank:
         run.write_record(output_dir, record)
 
     # 6. Train. An interrupt saves a checkpoint (interrupt.py); out of memory says what to change.
     try:
+        if fast_plan and choice.backend == "unsloth" and ckpt is None:
+            batching.warm_up(model, tokenizer, train_rows, per_device_train_batch_size, max_seq_length, optim,
+                             choice)
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
+                             eval_dataset=eval_rows, args=config,
+                             callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
+                                        interrupt_callback()])
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    except Exception as err:
+    except BaseException as err:  # KeyboardInterrupt too (a second Ctrl-C): the record must not say "running"
         if main_rank:
-            run.write_record(output_dir, {**record, "status": "failed", "error": f"{type(err).__name__}: {err}"})
+            run.write_record(output_dir, {**record, "status": "aborted" if isinstance(err, KeyboardInterrupt)
+                                          else "failed", "error": f"{type(err).__name__}: {err}"})
         if "out of memory" in str(err).lower():
+            smaller = ("drop --fast (it picked micro-batch %d), or " % per_device_train_batch_size if fast else
+                       "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
+                       "effective batch) or ")
             raise UserError(f"out of GPU memory ({err}). Checkpoints already saved in {output_dir} are kept. "
-                            "Lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
-                            "effective batch) or --max_seq_length; `python memory_report.py estimate` predicts "
-                            "what fits.") from err
+                            f"To fit: {smaller}lower --max_seq_length; `python memory_report.py estimate` "
+                            "predicts what fits.") from err
         raise
     stopped = trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps
 
     # 7. Save: adapter + tokenizer, then the record with metrics, time and memory.
     trainer.save_model(output_dir)
-    tokens = trainer.state.num_input_tokens_seen  # non-padding tokens, summed over ranks
+    # Non-padding tokens of this session, summed over ranks (a resumed run counts from its checkpoint).
+    tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     figures = meter.finish(result.metrics.get("train_runtime"), tokens)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     record.update(status="interrupted" if stopped else "finished", finished=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -245,6 +263,17 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return output_dir
+
+
+def check_numbers(a: dict):
+    """Counts and sizes that must be positive, checked before anything loads."""
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "r",
+                "logging_steps"):
+        if int(a[key]) < 1:
+            raise UserError(f"--{key} must be a positive whole number, got {a[key]!r}.")
+    v = a["val_size"]
+    if v < 0 or (v >= 1 and v != int(v)):
+        raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
 
 
 def export(model, tokenizer, record, choice, save_merged, save_gguf, push_to_hub):

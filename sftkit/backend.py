@@ -120,7 +120,9 @@ def check_model_path(model_name: str):
                 "model's name." if (path / "adapter_config.json").exists() else "")
         raise UserError(f"--model_name {model_name!r} is a folder without config.json, so it is not a saved model."
                         f"{hint} Pass a folder made by save_pretrained, or a Hub id such as unsloth/Meta-Llama-3.1-8B.")
-    if model_name.startswith((".", "/", "~")) or path.suffix in (".json", ".safetensors", ".bin"):
+    # "examples/tiny-lama" is a typo'd local path, not a Hub id, when its first folder exists here.
+    local_parent = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    if model_name.startswith((".", "/", "~")) or local_parent or path.suffix in (".json", ".safetensors", ".bin"):
         raise UserError(f"--model_name {model_name!r} does not exist. Check the path (it is relative to the "
                         "current folder), or pass a Hub id such as unsloth/Meta-Llama-3.1-8B.")
 
@@ -149,8 +151,23 @@ def load_model(model_name: str, max_seq_length: int, choice: Choice, load_in_4bi
     """Returns (model, tokenizer, notes). The HF token comes from the HF_TOKEN environment variable only."""
     check_model_path(model_name)
     token = os.environ.get("HF_TOKEN") or None
-    cuda = choice.device.startswith("cuda")
     notes = []
+    try:
+        model, tokenizer = _from_pretrained(model_name, max_seq_length, choice, load_in_4bit, token, notes)
+    except OSError as err:  # not on the Hub, gated, offline, or a folder without weights
+        raise UserError(f"could not load model {model_name!r}: {err}. Check the Hub id (or the local folder), log in "
+                        "with HF_TOKEN for a gated model such as meta-llama/*, or use an ungated copy such as "
+                        "unsloth/Meta-Llama-3.1-8B.") from err
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # A pad token equal to EOS would teach nothing about stopping once padding is masked; Llama 3.1 reserves
+        # a token for padding, so use it where the vocabulary has it.
+        if "<|finetune_right_pad_id|>" in tokenizer.get_vocab():
+            tokenizer.pad_token = "<|finetune_right_pad_id|>"
+    return model, tokenizer, notes
+
+
+def _from_pretrained(model_name, max_seq_length, choice, load_in_4bit, token, notes):
+    cuda = choice.device.startswith("cuda")
     if choice.backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -178,17 +195,19 @@ def load_model(model_name: str, max_seq_length: int, choice: Choice, load_in_4bi
             log.info(notes[-1])
         model = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(model_name, token=token)
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        # A pad token equal to EOS would teach nothing about stopping once padding is masked; Llama 3.1 reserves
-        # a token for padding, so use it where the vocabulary has it.
-        if "<|finetune_right_pad_id|>" in tokenizer.get_vocab():
-            tokenizer.pad_token = "<|finetune_right_pad_id|>"
-    return model, tokenizer, notes
+    return model, tokenizer
 
 
 def add_lora(model, choice: Choice, r: int, lora_alpha: int, lora_dropout: float, target_modules: list,
              gradient_checkpointing: bool, seed: int, load_in_4bit: bool):
     """Wraps the model with LoRA adapters; same settings on both paths."""
+    import torch
+
+    linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    unknown = sorted(set(target_modules) - linear)
+    if unknown:
+        raise UserError(f"--target_modules {','.join(unknown)}: no such linear layer in this model. Its linear "
+                        f"layers are {','.join(sorted(linear))}.")
     if choice.backend == "unsloth":
         from unsloth import FastLanguageModel
 
@@ -196,7 +215,6 @@ def add_lora(model, choice: Choice, r: int, lora_alpha: int, lora_dropout: float
             model, r=r, target_modules=list(target_modules), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
             random_state=seed, use_rslora=False, loftq_config=None)
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if choice.device.startswith("cuda") and load_in_4bit:

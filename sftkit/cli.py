@@ -10,7 +10,15 @@ def run_cli(fn):
     """Runs `fn` through Fire; a UserError becomes one clear line on stderr and exit status 2."""
     import fire
 
+    import inspect
+
+    from fire.decorators import SetParseFns
+
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
+    if inspect.isfunction(fn):
+        # Fire reads "hi, there" as a tuple and "2024" as an int; a parameter typed str gets the text as typed.
+        fn = SetParseFns(**{name: str for name, p in inspect.signature(fn).parameters.items()
+                            if p.annotation is str})(fn)
     try:
         fire.Fire(fn)
     except UserError as err:

@@ -108,8 +108,9 @@ def to_messages(row: dict) -> list:
 
 
 def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", columns=None,
-            max_samples: int = 0, train_on_inputs: bool = False):
-    """Returns (dataset in a TRL layout, info dict with the format and the counts)."""
+            max_samples: int = 0, train_on_inputs: bool = False, quiet: bool = False):
+    """Returns (dataset in a TRL layout, info dict with the format and the counts). quiet: no log line (the
+    early check before the model loads)."""
     ds = apply_mapping(ds, parse_columns(columns))
     fmt = detect_format(ds.column_names, data_format)
     required = {"alpaca": ["instruction", "output"], "text": ["text"]}.get(fmt, [])
@@ -153,7 +154,7 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
     kept = len(ds)
     considered = min(max_samples, rows_in) if max_samples and max_samples > 0 else rows_in
     dropped = considered - kept
-    if dropped:
+    if dropped and not quiet:
         log.info("dropped %d of %d rows with an empty answer (or instruction/text)", dropped, considered)
     if kept == 0:
         raise UserError(f"no usable rows: all {considered} rows had an empty answer or were filtered out. "

@@ -14,6 +14,7 @@ from .backend import choose, for_inference, load_adapter, load_model
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
+ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
 
 
 class Generator:
@@ -119,17 +120,25 @@ def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int =
     if not src.is_file():
         raise UserError(f"--input_file {input_file!r} does not exist. It should be JSONL with an 'instruction' "
                         "(and optional 'input') per line.")
-    rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise UserError(f"{input_file} line {n} is not valid JSON ({err}); fix or remove that line.") from err
     dst = Path(output_file)
     done, kept = set(), []
     if dst.is_file():
         for line in dst.read_text(encoding="utf-8").splitlines():
             try:
-                done.add(json.loads(line)["index"])
+                done.add(json.loads(line)[ROW])
                 kept.append(line)
             except (json.JSONDecodeError, KeyError):
                 pass  # a half-written last line from a killed run: dropped here, answered again below
-        dst.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp = dst.with_name(dst.name + ".tmp")  # rewrite atomically: a kill now must not lose the answers
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, dst)
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
     if done:
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
@@ -139,7 +148,7 @@ def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int =
             answers = g.answer_batch([r for _, r in chunk])
             base = g.answer_batch([r for _, r in chunk], base=True) if compare_base else None
             for k, ((i, r), a) in enumerate(zip(chunk, answers)):
-                out = {"index": i, **r, "answer": a["answer"], "stopped": a["stopped"]}
+                out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
                 if base:
                     out["base_answer"] = base[k]["answer"]
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")

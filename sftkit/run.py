@@ -23,7 +23,10 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes
 def default_name(model_name: str, dataset: str) -> str:
     """outputs/<model>-<data set>: the same command lands in the same folder, so a rerun is caught."""
     def short(s):
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(s).rstrip("/")).stem or "run")
+        name = Path(str(s).rstrip("/")).name
+        for ext in (".jsonl", ".json", ".csv", ".parquet"):  # data files only: "Llama-3.1-8B" keeps its ".1-8B"
+            name = name[: -len(ext)] if name.endswith(ext) else name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "run")
     return str(Path("outputs") / f"{short(model_name)}-{short(dataset)}")
 
 
@@ -41,23 +44,30 @@ def read_record(folder) -> dict:
     path = folder / RECORD
     if not path.is_file():
         raise UserError(f"{str(folder)!r} has no {RECORD}, so it was not written by train_unsloth.py (or the run "
-                        "never started). For a plain model pass --model_name and --prompt instead.")
+                        "never started). Pass a run folder that train_unsloth.py wrote (infer.py can also take "
+                        "--model_name with --prompt for a plain model).")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise UserError(f"{path} is not valid JSON ({err}); the run folder is damaged.") from err
 
 
-def prepare(output_dir: str, overwrite: bool, resume: bool):
-    """Checks the folder against the flags. Returns the checkpoint to resume from, or None to start afresh."""
-    folder = Path(output_dir)
+def status_of(folder: Path):
     record = folder / RECORD
-    status = None
-    if record.is_file():
-        try:
-            status = json.loads(record.read_text(encoding="utf-8")).get("status")
-        except json.JSONDecodeError:
-            status = "damaged"
+    if not record.is_file():
+        return None
+    try:
+        return json.loads(record.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return {"status": "damaged"}
+
+
+def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1):
+    """Checks the folder against the flags; deletes nothing (see clear()). Returns the checkpoint to resume
+    from, or None to start afresh."""
+    folder = Path(output_dir)
+    rec = status_of(folder)
+    status = rec.get("status") if rec else None
     ckpts = checkpoints(folder) if folder.is_dir() else []
     if resume:
         if overwrite:
@@ -66,10 +76,17 @@ def prepare(output_dir: str, overwrite: bool, resume: bool):
         if not ckpts:
             raise UserError(f"--resume: no checkpoint-* folder in {output_dir!r} to resume from. Run without "
                             "--resume to start training.")
+        done = (rec.get("metrics") or {}).get("global_step") if rec else None
+        if status == "finished" and (max_steps <= 0 or (done is not None and max_steps <= done)):
+            raise UserError(f"{output_dir!r} already finished at step {done}; resuming would train past it and "
+                            "replace the adapter. To train further pass a larger --max_steps with --resume; to "
+                            "start again, --overwrite.")
         return ckpts[-1]
     if folder.is_dir() and any(folder.iterdir()):
         if overwrite:
-            shutil.rmtree(folder)  # asked for explicitly
+            if rec is None:  # never delete what train_unsloth.py did not write
+                raise UserError(f"--overwrite refused: {output_dir!r} is not a run folder (no {RECORD}). Choose "
+                                "an empty or new --output_dir.")
         elif status == "finished":
             raise UserError(f"{output_dir!r} already holds a finished run. Pass --overwrite to replace it, or "
                             "choose another --output_dir.")
@@ -79,8 +96,42 @@ def prepare(output_dir: str, overwrite: bool, resume: bool):
         else:
             raise UserError(f"{output_dir!r} exists and is not empty. Choose another --output_dir, or pass "
                             "--overwrite to replace it.")
-    folder.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def clear(output_dir: str):
+    """Empties the run folder for a fresh start; called only after the data and the model have loaded, so a
+    typo in another argument never costs the previous run."""
+    folder = Path(output_dir)
+    if folder.is_dir() and (folder / RECORD).is_file():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+# Arguments a resumed run may change; every other one must match the run being resumed.
+RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "resume",
+                     "overwrite", "save_merged", "save_gguf", "push_to_hub", "output_dir"}
+
+
+def resume_args(output_dir: str, given: dict, defaults: dict) -> dict:
+    """The recorded arguments of the run to resume, with the few allowed changes from `given`.
+
+    An argument left at its default takes the recorded value, so `--resume --output_dir X` alone continues
+    X exactly; one set explicitly to something else is a conflict, reported with both values."""
+    rec = status_of(Path(output_dir))
+    if not rec or "args" not in rec:
+        return given
+    recorded = dict(rec["args"])
+    out = dict(given)
+    for key, value in recorded.items():
+        if key not in given or key in RESUMABLE_CHANGES:
+            continue
+        if given[key] == defaults.get(key) or given[key] == value:
+            out[key] = value
+        else:
+            raise UserError(f"--resume: --{key} {given[key]!r} differs from the run being resumed ({value!r}). "
+                            f"Drop --{key} to continue that run, or start a new one in another --output_dir.")
+    return out
 
 
 def write_record(folder, record: dict):

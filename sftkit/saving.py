@@ -14,8 +14,12 @@ log = logging.getLogger("sftkit")
 MERGED = ("", "16bit", "4bit")
 
 
-def check_export_args(save_merged: str, push_to_hub: str, choice):
+def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice):
     """Fails before training, not after an hour of it."""
+    if save_gguf and choice.backend != "unsloth":
+        raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run would use {choice.backend}. "
+                        "Export on a GPU machine, or use --save_merged 16bit and convert with llama.cpp's "
+                        "convert_hf_to_gguf.py.")
     if save_merged not in MERGED:
         raise UserError(f"--save_merged {save_merged!r} is not one of 16bit, 4bit.")
     if save_merged == "4bit" and not choice.device.startswith("cuda"):

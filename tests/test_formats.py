@@ -10,6 +10,7 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import TINY, metrics, quick_args, write_jsonl
 from sftkit import data, prompts
+from sftkit.errors import UserError
 from train_unsloth import train
 
 CHAT = [{"role": "user", "content": "김치찌개 끓이는 법?"}, {"role": "assistant", "content": "김치를 볶으세요."},
@@ -70,7 +71,7 @@ def test_sharegpt_is_normalised_and_text_gets_eos():
                                                                 {"role": "assistant", "content": "yo"}]
     text, info = data.prepare(Dataset.from_list([{"text": "plain"}, {"text": ""}]), template, "</s>")
     assert info["format"] == "text" and text["text"] == ["plain</s>"] and info["rows_dropped"] == 1
-    with pytest.raises(Exception, match="instruction template"):
+    with pytest.raises(UserError, match="instruction template"):
         data.prepare(share, prompts.load("alpaca_ko"), "</s>")
 
 
@@ -98,5 +99,8 @@ def test_val_size_logs_eval_loss_and_packing_trains(tmp_path):
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["metrics"]["eval_loss"] is not None
     assert any("eval_loss" in m for m in metrics(out))
-    packed = train(**quick_args(tmp_path / "p", packing=True, max_steps=4, save_steps=0))
-    assert json.loads((Path(packed) / "run.json").read_text())["metrics"]["global_step"] == 4
+    plain = train(**quick_args(tmp_path / "u", max_steps=2, save_steps=0, max_samples=0))
+    packed = train(**quick_args(tmp_path / "p", packing=True, max_steps=2, save_steps=0, max_samples=0))
+    assert json.loads((Path(packed) / "run.json").read_text())["metrics"]["global_step"] == 2
+    # ~80-token rows packed into 2048-token sequences: each step sees many more tokens than 8 single rows.
+    assert metrics(packed)[0]["tokens_seen"] > 5 * metrics(plain)[0]["tokens_seen"]

@@ -21,7 +21,10 @@ def unsloth_run(tmp_path_factory):
 def test_unsloth_trains_the_tiny_model_in_4bit(unsloth_run):
     rec = json.loads((Path(unsloth_run) / "run.json").read_text())
     assert rec["backend"]["backend"] == "unsloth" and rec["backend"]["device"].startswith("cuda")
-    assert rec["backend"]["dtype"] == "bf16" and rec["versions"]["unsloth"]
+    import torch
+
+    native_bf16 = torch.cuda.get_device_capability()[0] >= 8  # a T4 (7.5) trains in fp16
+    assert rec["backend"]["dtype"] == ("bf16" if native_bf16 else "fp16") and rec["versions"]["unsloth"]
     assert rec["memory"]["memory_kind"] == "gpu" and rec["memory"]["peak_reserved_gb"] > 0
     losses = [m["loss"] for m in metrics(unsloth_run)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # learning happened

@@ -47,7 +47,8 @@ def test_adapter_answer_differs_from_base_and_stops_at_eos(gen):
 
 
 def test_batch_resumes_without_duplicates(gen, tmp_path):
-    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": r["instruction"]} for r in ROWS] + [{"instruction": "x"}])
+    rows = [{"instruction": r["instruction"], "index": 100} for r in ROWS] + [{"instruction": "x"}]  # user "index"
+    src = write_jsonl(tmp_path / "q.jsonl", rows)
     dst = tmp_path / "a.jsonl"
     # Pretend an earlier run answered two rows and was killed while writing the third.
     full = tmp_path / "full.jsonl"
@@ -56,8 +57,12 @@ def test_batch_resumes_without_duplicates(gen, tmp_path):
     dst.write_text("\n".join(lines[:2]) + "\n" + lines[2][:15], encoding="utf-8")
     assert run_batch(gen, src, str(dst), batch_size=2) == 3
     got = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines() if line.endswith("}")]
-    assert sorted(r["index"] for r in got) == [0, 1, 2, 3, 4]
-    assert {r["index"]: r["answer"] for r in got} == {json.loads(x)["index"]: json.loads(x)["answer"] for x in lines}
+    assert sorted(r["_row"] for r in got) == [0, 1, 2, 3, 4] and got[0]["index"] == 100  # user column kept
+    assert {r["_row"]: r["answer"] for r in got} == {json.loads(x)["_row"]: json.loads(x)["answer"] for x in lines}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(UserError, match="line 2 is not valid JSON"):
+        run_batch(gen, str(bad), str(tmp_path / "o.jsonl"))
 
 
 def test_compare_base_prints_both(memorized):
@@ -88,3 +93,11 @@ def test_clear_errors(tmp_path, gen):
         open_generator(model_name=TINY, prompt="nope")
     with pytest.raises(UserError, match="empty prompt"):
         gen.answer("   ")
+
+
+def test_cli_text_arguments_stay_text(memorized):
+    """Fire would read "hi, there" as a tuple; the CLI passes typed-str arguments through as typed."""
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model_name", TINY, "--prompt", "llama-3.1-chat",
+                          "--instruction", "hi, there", "--max_new_tokens", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]

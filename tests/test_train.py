@@ -134,3 +134,68 @@ def test_cli_target_modules_and_counts_as_fire_parses_them(tmp_path):
     keys = load_file(str(out / "adapter_model.safetensors")).keys()
     assert {k.split(".")[-3] for k in keys} == {"q_proj", "v_proj"}  # LoRA only where asked
     assert rec["data"]["rows_used"] == 231 and rec["metrics"]["eval_loss"] is not None  # 20 rows held out
+
+
+def test_overwrite_deletes_nothing_until_everything_has_loaded(tmp_path, tiny_run):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_run, copy)
+    with pytest.raises(UserError, match="does not exist"):
+        train(**quick_args(tmp_path, dataset="./typo.jsonl", output_dir=str(copy), overwrite=True))
+    assert (copy / "adapter_model.safetensors").is_file() and (copy / "run.json").is_file()
+    other = tmp_path / "thesis"
+    other.mkdir()
+    (other / "notes.txt").write_text("not a run")
+    with pytest.raises(UserError, match="not a run folder"):
+        train(**quick_args(tmp_path, output_dir=str(other), overwrite=True))
+    assert (other / "notes.txt").read_text() == "not a run"
+
+
+def test_resume_takes_the_recorded_arguments_and_refuses_a_finished_run(tmp_path):
+    out = train(**quick_args(tmp_path, max_steps=4, save_steps=2, learning_rate=5e-3, max_samples=24))
+    with pytest.raises(UserError, match="already finished at step 4"):
+        train(output_dir=out, resume=True, max_steps=4)
+    with pytest.raises(UserError, match="--learning_rate 0.1 differs"):
+        train(output_dir=out, resume=True, max_steps=6, learning_rate=0.1)
+    train(output_dir=out, resume=True, max_steps=6)  # everything else from run.json: tiny model, local data
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["args"]["model_name"] == TINY and rec["args"]["learning_rate"] == 5e-3
+    assert rec["args"]["max_samples"] == 24 and rec["metrics"]["global_step"] == 6
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_data_is_caught_before_the_model_loads(tmp_path, monkeypatch):
+    import train_unsloth
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data were checked")
+
+    monkeypatch.setattr(train_unsloth, "load_model", no_load)
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(UserError, match="--columns"):
+        train(**quick_args(tmp_path, dataset=qa))
+    empty = write_jsonl(tmp_path / "empty.jsonl", [{"instruction": "q", "input": "", "output": ""}])
+    with pytest.raises(UserError, match="no usable rows"):
+        train(**quick_args(tmp_path, dataset=empty))
+    for bad in (dict(per_device_train_batch_size=0), dict(val_size=-3), dict(val_size=1.5)):
+        with pytest.raises(UserError, match="must be a positive|--val_size"):
+            train(**quick_args(tmp_path, **bad))
+
+
+def test_out_of_memory_becomes_advice_and_a_failed_record(tmp_path, monkeypatch):
+    import trl
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", oom)
+    with pytest.raises(UserError, match="out of GPU memory.*--per_device_train_batch_size.*memory_report.py"):
+        train(**quick_args(tmp_path))
+    rec = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert rec["status"] == "failed" and "out of memory" in rec["error"]
+
+
+def test_unknown_lora_module_names_the_real_ones(tmp_path):
+    with pytest.raises(UserError, match="qproj.*q_proj"):
+        train(**quick_args(tmp_path, target_modules="qproj"))
