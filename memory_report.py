@@ -178,7 +178,7 @@ def _this_gpu():
 
 
 def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int = 2048,
-             per_device_train_batch_size: int = 2, r: int = 16, gpu="",
+             per_device_train_batch_size: int = 2, r: int = 16, gpu: str | float = "",
              target_modules: str = ",".join(est.MODULES), gradient_checkpointing: bool = True,
              optim: str = "adamw_8bit") -> dict:
     """Predict peak GPU memory of QLoRA training from the model config alone, and say whether it fits.

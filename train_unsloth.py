@@ -21,7 +21,7 @@ from sftkit.backend import add_lora, choose, load_model
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
 from sftkit.interrupt import interrupt_callback
-from sftkit.saving import check_export_args, push, save_gguf as export_gguf, save_merged as export_merged
+from sftkit.saving import check_export_args, export
 
 log = logging.getLogger("sftkit")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -274,27 +274,6 @@ def check_numbers(a: dict):
     v = a["val_size"]
     if v < 0 or (v >= 1 and v != int(v)):
         raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
-
-
-def export(model, tokenizer, record, choice, save_merged, save_gguf, push_to_hub):
-    """8. Optional exports, each recorded in run.json; the adapter is already safe when they run."""
-    args, exports = record["args"], record.setdefault("exports", {})
-    out = args["output_dir"]
-    try:
-        if save_merged:
-            exports["merged"] = export_merged(model, tokenizer, out, save_merged, choice, record["model_path"],
-                                              args["load_in_4bit"])
-            log.info("merged model (%s) saved to %s", save_merged, exports["merged"])
-        if save_gguf:
-            exports["gguf"] = export_gguf(model, tokenizer, out, save_gguf, choice)
-        if push_to_hub:
-            exports["hub"] = push(exports.get("merged", out), push_to_hub)
-            log.info("uploaded to %s", exports["hub"])
-    except UserError as err:
-        exports["error"] = str(err)
-        raise
-    finally:
-        run.write_record(out, record)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,9 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
         model_name = model_name or record.get("model_path") or args["model_name"]
         template = prompts.from_text(record["template"], record["template_text"], record["template_kind"] == "chat")
         max_seq_length = max_seq_length or args["max_seq_length"]
+        if prompt != "alpaca_ko" and prompt != record["template"]:
+            log.info("--prompt %s ignored: the run was trained with template %s, which is used", prompt,
+                     record["template"])
         load_in_4bit = args.get("load_in_4bit", load_in_4bit)
     elif model_name:
         template = prompts.load(prompt)

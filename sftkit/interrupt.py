@@ -30,7 +30,17 @@ def interrupt_callback():
                 self.previous[sig] = signal.signal(sig, self._handle)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.signalled:
+            stop = bool(self.signalled)
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                # Under torchrun every rank must stop at the same step, or the others hang in the next all-reduce.
+                import torch
+
+                flag = torch.tensor([int(stop)], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop = bool(flag.item())
+            if stop:
                 control.should_save = True
                 control.should_training_stop = True
 

@@ -8,6 +8,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import run
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -91,3 +92,24 @@ def push(folder: str, repo_id: str, api=None) -> str:
         raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally in "
                         f"{folder}; check that HF_TOKEN has write access and retry.") from err
     return f"https://huggingface.co/{repo_id}"
+
+
+def export(model, tokenizer, record, choice, merged: str, gguf: str, hub_repo: str):
+    """Optional exports after training, each recorded in run.json; the adapter is already safe when they run."""
+    args, exports = record["args"], record.setdefault("exports", {})
+    out = args["output_dir"]
+    try:
+        if merged:
+            exports["merged"] = save_merged(model, tokenizer, out, merged, choice, record["model_path"],
+                                              args["load_in_4bit"])
+            log.info("merged model (%s) saved to %s", merged, exports["merged"])
+        if gguf:
+            exports["gguf"] = save_gguf(model, tokenizer, out, gguf, choice)
+        if hub_repo:
+            exports["hub"] = push(exports.get("merged", out), hub_repo)
+            log.info("uploaded to %s", exports["hub"])
+    except UserError as err:
+        exports["error"] = str(err)
+        raise
+    finally:
+        run.write_record(out, record)

@@ -172,3 +172,17 @@ def test_cli_no_command_shows_the_device_and_errors_exit_2():
     bad = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate", "--gpu", "v100"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown --gpu 'v100'" in bad.stderr and not bad.stdout
+
+
+def test_estimate_is_within_15_percent_of_the_measured_gpu_runs():
+    """The calibration claim in benchmarks/README.md, checked against the measured JSON it quotes."""
+    from sftkit import estimate as E
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    checked = 0
+    for shape, name in (("llama-3.2-1b", "seq-1b.json"), ("llama-3.1-8b", "seq-8b.json")):
+        for r in json.loads((root / name).read_text())["results"]:
+            est = E.estimate(E.KNOWN[shape], r["seq_len"], 2, 16, E.MODULES, True, "adamw_8bit", 80)["total_gib"]
+            assert abs(est - r["peak_reserved_gb"]) <= 0.15 * r["peak_reserved_gb"], (shape, r)
+            checked += 1
+    assert checked == 8
