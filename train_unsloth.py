@@ -141,7 +141,8 @@ def train(
 
     # 3. Data, read and checked before the (slow) model load so bad input fails fast.
     raw = data.load_dataset_any(dataset, dataset_split)
-    data.prepare(raw, template, "", data_format, columns, max_samples, train_on_inputs, quiet=True)
+    checked, _ = data.prepare(raw, template, "", data_format, columns, max_samples, train_on_inputs, quiet=True)
+    data.split_eval(checked, val_size, seed)  # --val_size too large for the data is also known now
 
     # 4. Model, tokenizer and LoRA.
     model, tokenizer, notes = load_model(model_name, max_seq_length, choice, load_in_4bit)
@@ -150,8 +151,8 @@ def train(
     rows, data_info = data.prepare(raw, template, tokenizer.eos_token, data_format, columns, max_samples,
                                    train_on_inputs)
     train_rows, eval_rows = data.split_eval(rows, val_size, seed)
-    model = add_lora(model, choice, r, lora_alpha, lora_dropout, modules,
-                             use_gradient_checkpointing, seed, load_in_4bit)
+    model = add_lora(model, choice, r, lora_alpha, lora_dropout, modules, use_gradient_checkpointing, seed,
+                     load_in_4bit)
     meter = memory.Meter().start()
     fast_plan = None
     if fast:  # same rows per optimizer step, fewer and larger micro-batches
