@@ -16,17 +16,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def worker(model_dir: str, backend: str, new_tokens: int, batch: int, repeats: int, out: str):
+    from sftkit import estimate
     from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
 
     import torch
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    model = for_inference(add_lora(model, choice, 16, 16, 0.0, TARGETS, True, 3407, True), choice)
+    model = for_inference(add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True), choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
     tok.padding_side = "left"
@@ -67,11 +67,11 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
     """
-    from shapes import make_model
+    from shapes import listed, make_model
 
     model_dir = make_model(shape, Path(cache))
     results = []
-    for b in backends.split(","):
+    for b in listed(backends):
         tmp = Path(cache) / f"infer-{b}.json"
         tmp.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats), str(tmp)]

@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from shapes import ROOT, SHAPES, make_data, make_model, train_flops_per_token  # noqa: E402
+from shapes import ROOT, SHAPES, listed, make_data, make_model, train_flops_per_token  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "T4": 65, "A10": 125}  # dense bf16/fp16 spec
 
@@ -47,8 +47,7 @@ def run_variant(name, model_dir, data, work, backend, steps, extra, cap_gb, log)
         result["error"] = Path(log).read_text(errors="replace")[-1500:]
         return result
     rec = json.loads((out / "run.json").read_text())
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    result.update(device=rec["memory"]["device"], dtype=rec["backend"]["dtype"], steps=len(lines),
+    result.update(device=rec["memory"]["device"], dtype=rec["backend"]["dtype"], steps=rec["metrics"]["global_step"],
                   peak_reserved_gb=rec["memory"]["peak_reserved_gb"],
                   peak_allocated_gb=rec["memory"].get("peak_allocated_gb"),
                   train_seconds=rec["memory"]["train_seconds"], final_loss=rec["metrics"]["final_loss"],
@@ -96,7 +95,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool =
     config = SHAPES[shape] or json.loads((model_dir / "config.json").read_text())
     work = cache / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    variants = [(b, b, []) for b in backends.split(",") if b]
+    variants = [(b, b, []) for b in listed(backends)]
     if fast:
         variants.append(("unsloth-fast", "unsloth", ["--fast"]))
     results = []
@@ -130,7 +129,7 @@ def save(report, path):
 
 def seq_search(model_dir, seq_lens, cap_gb, work):
     """Longest sequence that trains (batch 2) under the cap: one process, lengths tried in increasing order."""
-    lens = ",".join(str(x) for x in seq_lens) if isinstance(seq_lens, (tuple, list)) else str(seq_lens)
+    lens = ",".join(listed(seq_lens))
     cmd = [sys.executable, str(HERE / "seq_search.py"), "--model_dir", str(model_dir), "--seq_lens", lens,
            "--memory_cap_gb", str(cap_gb), "--out", str(work / "seq_search.json")]
     with open(work / "seq_search.log", "w") as f:

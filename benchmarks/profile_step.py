@@ -15,7 +15,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", extra: str = "",
@@ -30,6 +29,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
       extra: JSON of further SFTConfig fields for configs marked with a '+' (e.g. 8x1+), to test one setting.
       out: JSON path for the results.
     """
+    from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
 
     import torch
@@ -38,12 +38,12 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import make_data
+    from shapes import listed, make_data
     from sftkit import data, prompts
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    model = add_lora(model, choice, 16, 16, 0.0, TARGETS, True, 3407, True)
+    model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
     path = make_data(Path("/tmp/sftkit-bench/profile.jsonl"), n=256, mean_tokens=325)
     raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
     rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
@@ -69,7 +69,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
                 self.t0 = None
 
     results = []
-    for cfg in (configs if isinstance(configs, (tuple, list)) else configs.split(",")):
+    for cfg in listed(configs):
         micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))
         more = (extra if isinstance(extra, dict) else json.loads(extra)) if cfg.endswith("+") and extra else {}
         cb = Profile()

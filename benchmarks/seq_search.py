@@ -17,7 +17,6 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 GB = 2 ** 30
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0, batch: int = 2, steps: int = 3,
@@ -34,6 +33,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
       backend: auto | unsloth | hf.
       out: JSON path for the results.
     """
+    from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth (if chosen) is imported inside, first
 
     import torch
@@ -42,9 +42,11 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
         total = torch.cuda.get_device_properties(0).total_memory / GB
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb / total))
     choice = choose(backend, "auto")
-    lens = [int(x) for x in (seq_lens if isinstance(seq_lens, (tuple, list)) else str(seq_lens).split(","))]
+    from shapes import listed
+
+    lens = [int(x) for x in listed(seq_lens)]
     model, tok, _ = load_model(model_dir, max(lens), choice, load_in_4bit=True)
-    model = add_lora(model, choice, r, r, 0.0, TARGETS, True, 3407, True)
+    model = add_lora(model, choice, r, r, 0.0, list(estimate.MODULES), True, 3407, True)
     weights_gb = torch.cuda.memory_allocated() / GB
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

@@ -7,19 +7,20 @@ the model keeps the real 128k vocabulary, so embedding, lm_head and logits cost 
 
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from sftkit import estimate  # noqa: E402
+
 TINY = ROOT / "examples" / "tiny-llama"
 SAMPLE = ROOT / "examples" / "data" / "korean_safe_sample.jsonl"
 
+# The estimate's built-in shapes (one source of truth), with the real 128k-token window.
 SHAPES = {
-    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
-                         max_position_embeddings=131072),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                         max_position_embeddings=131072),
+    "llama-3.1-8b": {**estimate.LLAMA_31_8B, "max_position_embeddings": 131072},
+    "llama-3.2-1b": {**estimate.LLAMA_32_1B, "max_position_embeddings": 131072},
     "tiny": None,  # the bundled tiny model, for a CPU dry run of the harness
 }
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -79,21 +80,18 @@ def make_data(path: Path, n: int = 512, mean_tokens: int = 325, fixed: int = 0, 
     return path
 
 
-def param_count(shape_or_config: dict) -> dict:
-    """Parameters of the matmuls a token passes through (decoder linears + lm_head), and the embedding."""
-    c = shape_or_config
-    h, i, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    hd = c.get("head_dim") or h // c["num_attention_heads"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    return {"linear": L * per_layer, "lm_head": v * h, "embedding": v * h}
+def listed(value) -> list:
+    """A comma-separated CLI value as a list of strings: Fire hands `512,2048` over as a tuple of ints."""
+    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
+    return [str(x).strip() for x in items if str(x).strip()]
 
 
-def train_flops_per_token(c: dict, seq: float) -> float:
+def train_flops_per_token(config: dict, seq: float) -> float:
     """Model FLOPs per trained token for LoRA: forward 2N plus backward through activations 2N (frozen base
-    weights need no weight gradients), plus attention scores and values (4·L·seq·d forward, twice that in all).
-    Recomputation by gradient checkpointing is overhead, not model FLOPs, so it is not counted (as in MFU)."""
-    n = param_count(c)
-    hd = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    attn = 4 * c["num_hidden_layers"] * seq * c["num_attention_heads"] * hd / 2  # causal: half the matrix
-    return 4 * (n["linear"] + n["lm_head"]) + 2 * attn
+    weights need no weight gradients), N being the decoder linears and lm_head, plus attention scores and
+    values (4·L·seq·d forward, twice that in all). Recomputation by gradient checkpointing is overhead, not
+    model FLOPs, so it is not counted (as in MFU)."""
+    c = estimate.normalise(config)
+    n = estimate.quantized_params(c) + c["vocab_size"] * c["hidden_size"]
+    attn = 4 * c["num_hidden_layers"] * seq * c["num_attention_heads"] * c["head_dim"] / 2  # causal: half
+    return 4 * n + 2 * attn
