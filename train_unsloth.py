@@ -58,6 +58,7 @@ def train(
     seed: int = 3407,
     packing: bool = False,
     fast: bool = False,
+    cudnn_attention: bool = False,
     logging_steps: int = 1,
     save_steps: int = 20,
     report_to: str = "none",
@@ -101,6 +102,7 @@ def train(
       seed: random seed for LoRA init, data order and dropout.
       packing: pack several short rows into each sequence (fewer pad tokens, faster).
       fast: same effective batch in the largest micro-batch the GPU holds (see sftkit/batching.py).
+      cudnn_attention: let PyTorch use cuDNN attention (it re-plans per new row length: ~2x slower steps on an H100).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = only at the end).
       report_to: none | tensorboard | wandb.
@@ -128,7 +130,7 @@ def train(
     main_rank = rank == 0
 
     # 1. Backend and dtype, before transformers/trl/peft are imported (Unsloth patches them on import).
-    choice = choose(backend, dtype)
+    choice = choose(backend, dtype, cudnn_attention)
     template = prompts.load(prompt)
     check_export_args(save_merged, save_gguf, push_to_hub, choice)
 
@@ -151,22 +153,24 @@ def train(
     rows, data_info = data.prepare(raw, template, tokenizer.eos_token, data_format, columns, max_samples,
                                    train_on_inputs)
     train_rows, eval_rows = data.split_eval(rows, val_size, seed)
+    fast_plan = None
+    if fast:  # same rows per optimizer step, fewer and larger micro-batches, checkpointing off if it fits
+        longest = data.longest_tokens(train_rows, tokenizer, max_seq_length)
+        fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps, longest, r,
+                                  modules, optim, use_gradient_checkpointing, choice)
+        fast_plan.update(requested=[per_device_train_batch_size, gradient_accumulation_steps], longest_row=longest)
+        log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d), gradient checkpointing %s: %s",
+                 fast_plan["per_device_train_batch_size"], fast_plan["gradient_accumulation_steps"],
+                 per_device_train_batch_size, gradient_accumulation_steps,
+                 "on" if fast_plan["gradient_checkpointing"] else "off", fast_plan["reason"])
+        per_device_train_batch_size = fast_plan["per_device_train_batch_size"]
+        gradient_accumulation_steps = fast_plan["gradient_accumulation_steps"]
+        use_gradient_checkpointing = fast_plan["gradient_checkpointing"]
+        args.update(per_device_train_batch_size=per_device_train_batch_size,
+                    gradient_accumulation_steps=gradient_accumulation_steps)
     model = add_lora(model, choice, r, lora_alpha, lora_dropout, modules, use_gradient_checkpointing, seed,
                      load_in_4bit)
     meter = memory.Meter().start()
-    fast_plan = None
-    if fast:  # same rows per optimizer step, fewer and larger micro-batches
-        fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps,
-                                  max_seq_length, r, modules, optim, use_gradient_checkpointing,
-                                  choice)
-        fast_plan["requested"] = [per_device_train_batch_size, gradient_accumulation_steps]
-        log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d): %s",
-                 fast_plan["per_device_train_batch_size"], fast_plan["gradient_accumulation_steps"],
-                 per_device_train_batch_size, gradient_accumulation_steps, fast_plan["reason"])
-        per_device_train_batch_size = fast_plan["per_device_train_batch_size"]
-        gradient_accumulation_steps = fast_plan["gradient_accumulation_steps"]
-        args.update(per_device_train_batch_size=per_device_train_batch_size,
-                    gradient_accumulation_steps=gradient_accumulation_steps)
     log.info("data: %s format, %d rows used (%d dropped), %s eval rows; template %s; world size %d, effective "
              "batch %d (%d per device x %d accumulation x %d)", data_info["format"], len(train_rows),
              data_info["rows_dropped"], len(eval_rows) if eval_rows is not None else 0, template.name, world,
@@ -216,9 +220,6 @@ def train(
 
     # 6. Train. An interrupt saves a checkpoint (interrupt.py); out of memory says what to change.
     try:
-        if fast_plan and choice.backend == "unsloth" and ckpt is None:
-            batching.warm_up(model, tokenizer, train_rows, per_device_train_batch_size, max_seq_length, optim,
-                             choice)
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
                              eval_dataset=eval_rows, args=config,
                              callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),

@@ -17,14 +17,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+# Named variants: (backend, cuDNN attention allowed). "hf" is plain transformers with the libraries' defaults;
+# "unsloth" and "hf-sftkit" are what infer.py runs (cuDNN attention off, see sftkit/backend.py).
+VARIANTS = {"unsloth": ("unsloth", False), "unsloth-cudnn": ("unsloth", True), "hf": ("hf", True),
+            "hf-sftkit": ("hf", False)}
 
-def worker(model_dir: str, backend: str, new_tokens: int, batch: int, repeats: int, out: str):
+
+def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: int, out: str):
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
 
     import torch
 
-    choice = choose(backend, "auto")
+    backend, cudnn = VARIANTS[variant]
+    choice = choose(backend, "auto", cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     model = for_inference(add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True), choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
@@ -46,7 +52,7 @@ def worker(model_dir: str, backend: str, new_tokens: int, batch: int, repeats: i
     timed(prompts)
     single = [timed(prompts[:1]) for _ in range(repeats)]
     many = [timed(prompts) for _ in range(repeats)]
-    res = {"backend": choice.backend, "device": torch.cuda.get_device_name(0),
+    res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0),
            "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
            f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
@@ -60,7 +66,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
 
     Args:
       shape: llama-3.1-8b | llama-3.2-1b (random weights, built once under cache).
-      backends: comma-separated backends to compare.
+      backends: comma-separated variants to compare (see VARIANTS; hf is plain transformers).
       new_tokens: tokens generated per prompt.
       batch: prompts in the batched measurement.
       repeats: timed repetitions of each measurement.
@@ -71,6 +77,9 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
 
     model_dir = make_model(shape, Path(cache))
     results = []
+    unknown = [b for b in listed(backends) if b not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     for b in listed(backends):
         tmp = Path(cache) / f"infer-{b}.json"
         tmp.unlink(missing_ok=True)
@@ -79,13 +88,13 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
         results.append(json.loads(tmp.read_text()) if tmp.exists() else
-                       {"backend": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]})
+                       {"variant": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]})
         print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
-    ok = {r["backend"]: r for r in results if "error" not in r}
-    print(f"| backend | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|")
+    ok = {r["variant"]: r for r in results if "error" not in r}
+    print(f"| variant | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|")
     for r in ok.values():
-        print(f"| {r['backend']} | {r['bs1_tokens_per_s']} | {r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x | "
+        print(f"| {r['variant']} | {r['bs1_tokens_per_s']} | {r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x | "
               f"{r['peak_reserved_gb']} |")
     if "unsloth" in ok and "hf" in ok:
         print(f"unsloth / hf at bs1: {ok['unsloth']['bs1_tokens_per_s'] / ok['hf']['bs1_tokens_per_s']:.2f}x; "

@@ -29,6 +29,13 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
                "sys.argv[0] = sys.argv[1]; del sys.argv[1]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
+# Named variants: backend and extra train_unsloth.py flags. "hf" is the plain recipe with the libraries'
+# defaults, which leave PyTorch free to pick cuDNN attention; "hf-sftkit" is the same backend with this
+# project's default (cuDNN attention off), to show how much of the gap that one setting is.
+VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
+            "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"])}
+
+
 def peak_tflops(device: str) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
 
@@ -67,14 +74,14 @@ def steady(result, metrics_path, warmup):
                   tokens_per_step=round(tokens / len(after), 1))
 
 
-def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool = True, steps: int = 15,
+def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fast: bool = True, steps: int = 15,
          warmup: int = 3, rows: int = 512, mean_tokens: int = 325, memory_cap_gb: float = 0.0,
          seq_lens: str = "1024,2048,4096,8192,16384", cache: str = "/tmp/sftkit-bench", out: str = ""):
     """Run the benchmark and write JSON.
 
     Args:
       shape: llama-3.1-8b | llama-3.2-1b | tiny (the bundled model, for a CPU dry run).
-      backends: comma-separated backends to compare on the notebook config (unsloth, hf).
+      backends: comma-separated variants on the notebook config (see VARIANTS; hf is the plain recipe).
       fast: also run Unsloth's --fast mode at the same effective batch.
       steps: optimizer steps per variant.
       warmup: steps left out of the speed figures.
@@ -95,9 +102,12 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", fast: bool =
     config = SHAPES[shape] or json.loads((model_dir / "config.json").read_text())
     work = cache / "runs"
     work.mkdir(parents=True, exist_ok=True)
-    variants = [(b, b, []) for b in listed(backends)]
+    unknown = [b for b in listed(backends) if b not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    variants = [(b, *VARIANTS[b]) for b in listed(backends)]
     if fast:
-        variants.append(("unsloth-fast", "unsloth", ["--fast"]))
+        variants.append(("unsloth-fast", *VARIANTS["unsloth-fast"]))
     results = []
     report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
               "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
@@ -141,7 +151,7 @@ def seq_search(model_dir, seq_lens, cap_gb, work):
 
 def table(results) -> str:
     ok = [r for r in results if "error" not in r]
-    ref = next((r for r in ok if r["backend"] == "hf"), None)
+    ref = next((r for r in ok if r["variant"] == "hf"), None)
     head = ("| variant | micro-batch x accum | tokens/s | s/step | peak reserved GB | peak allocated GB | MFU % "
             "| tokens/s vs hf | reserved vs hf |\n|---|---|---|---|---|---|---|---|---|")
     rows = []

@@ -69,10 +69,29 @@ def choose_dtype(requested: str, cuda: bool, capability=(0, 0), gpu_name: str = 
     return requested, f"--dtype {requested} asked for on {gpu_name} ({cc})"
 
 
-def choose(backend: str = "auto", dtype: str = "auto") -> Choice:
+def attention_kernels(cudnn_attention: bool) -> str:
+    """Allows or forbids PyTorch's cuDNN attention kernels for every SDPA call in this process; returns why.
+
+    cuDNN builds an execution plan for each new sequence length. Instruction data change length every batch,
+    so a run keeps paying for new plans: on an H100 (benchmarks/step_timeline.py, 8B shape, batch 2 x 4) the
+    steps of a first trainer took ~2.2 s against ~1.1 s for a second trainer that met the same lengths again,
+    and SDPA's own CPU time fell 20x. Flash and memory-efficient attention have no plans to build.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return ""
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)
+    if cudnn_attention:
+        return "; cuDNN attention allowed (--cudnn_attention)"
+    return "; cuDNN attention off (it re-plans for every new sequence length)"
+
+
+def choose(backend: str = "auto", dtype: str = "auto", cudnn_attention: bool = False) -> Choice:
     """Picks backend, device and dtype, logs them with the reason in one line, and returns the choice.
 
     On the Unsloth path this imports unsloth, which must happen before transformers, trl or peft are used.
+    `cudnn_attention` False keeps PyTorch from picking cuDNN attention kernels (see attention_kernels).
     """
     import torch
 
@@ -105,7 +124,7 @@ def choose(backend: str = "auto", dtype: str = "auto") -> Choice:
                 raise UserError(f"--backend unsloth asked for, but unsloth failed to import: {err}. "
                                 "Install it with `pip install -r requirements.txt`, or use --backend hf.") from err
             chosen, why = "hf", f"unsloth failed to import ({type(err).__name__}: {err}): plain transformers + peft"
-    choice = Choice(chosen, device, name, dt, f"{why}; {dt_reason}")
+    choice = Choice(chosen, device, name, dt, f"{why}; {dt_reason}{attention_kernels(cudnn_attention)}")
     log.info("backend=%s device=%s (%s) dtype=%s because %s", chosen, device, name, dt, choice.reason)
     return choice
 

@@ -172,3 +172,21 @@ def split_eval(ds, val_size, seed: int):
                         "or a fraction such as 0.05.")
     parts = ds.train_test_split(test_size=n, seed=seed)
     return parts["train"], parts["test"]
+
+
+def longest_tokens(ds, tokenizer, cap: int) -> int:
+    """Tokens in the longest prepared row, at most `cap` (SFTTrainer truncates to max_length): fast mode sizes
+    its micro-batch for the rows the run really has, not for the worst case max_seq_length allows."""
+    cols = set(ds.column_names)
+    if "messages" in cols:
+        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
+    elif "prompt" in cols:
+        texts = [p + c for p, c in zip(ds["prompt"], ds["completion"])]
+    else:
+        texts = ds["text"]
+    longest = 0
+    for i in range(0, len(texts), 1024):  # batches keep memory flat on large data sets
+        longest = max([longest, *(len(ids) for ids in tokenizer(texts[i:i + 1024])["input_ids"])])
+        if longest >= cap:
+            return cap
+    return longest

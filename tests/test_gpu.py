@@ -62,24 +62,40 @@ def test_chat_format_through_unsloth(tmp_path):
     assert rec["data"]["format"] == "chat" and rec["status"] == "finished" and rec["backend"]["backend"] == "unsloth"
 
 
+COMPARE_IN_PLAIN_TRANSFORMERS = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+merged_dir, adapter_dir, base_dir = sys.argv[1:4]
+tok = AutoTokenizer.from_pretrained(merged_dir)
+ids = tok("### 지시문:\\n안녕하세요\\n\\n### 응답:\\n", return_tensors="pt")["input_ids"].cuda()
+merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).cuda().eval()
+adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).cuda(),
+                                    adapter_dir).eval()
+a = merged.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+b = adapted.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+print("MERGED", a)
+print("ADAPTED", b)
+"""
+
+
 def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
-    """Unsloth's merged save loads with plain transformers and gives the adapter's greedy tokens."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Unsloth's merged save loads with plain transformers and gives the adapter's greedy tokens.
+
+    The check runs in a fresh process that never imports unsloth, as a user's serving code would: in this
+    process Unsloth has patched transformers' Llama classes, so any model loaded here takes Unsloth's path.
+    """
+    import subprocess
+    import sys
 
     from train_unsloth import train
 
     out = train(**quick_args(tmp_path, backend="unsloth", max_steps=10, save_merged="16bit", save_steps=0))
-    merged_dir = Path(out) / "merged-16bit"
-    tok = AutoTokenizer.from_pretrained(merged_dir)
-    ids = tok("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"].cuda()
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16).cuda().eval()
-    base = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16).cuda()
-    adapted = PeftModel.from_pretrained(base, out).eval()
-    a = merged.generate(ids, max_new_tokens=12, do_sample=False)
-    b = adapted.generate(ids, max_new_tokens=12, do_sample=False)
-    assert torch.equal(a, b)
+    res = subprocess.run([sys.executable, "-c", COMPARE_IN_PLAIN_TRANSFORMERS, str(Path(out) / "merged-16bit"),
+                          str(out), str(TINY)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("MERGED", "ADAPTED")))
+    assert lines["MERGED"] == lines["ADAPTED"] and len(json.loads(lines["MERGED"])) > 0
 
 
 def test_gguf_without_llama_cpp_fails_after_the_adapter_is_saved(tmp_path):
@@ -94,3 +110,13 @@ def test_gguf_without_llama_cpp_fails_after_the_adapter_is_saved(tmp_path):
         assert any((tmp_path / "run" / "gguf").glob("*.gguf"))
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+
+
+def test_cudnn_attention_is_off_unless_asked():
+    import torch
+
+    from sftkit.backend import attention_kernels
+
+    assert "off" in attention_kernels(False) and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert "allowed" in attention_kernels(True) and torch.backends.cuda.cudnn_sdp_enabled()
+    attention_kernels(False)

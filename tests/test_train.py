@@ -199,3 +199,34 @@ def test_out_of_memory_becomes_advice_and_a_failed_record(tmp_path, monkeypatch)
 def test_unknown_lora_module_names_the_real_ones(tmp_path):
     with pytest.raises(UserError, match="qproj.*q_proj"):
         train(**quick_args(tmp_path, target_modules="qproj"))
+
+
+def test_fast_plan_prefers_no_checkpointing_where_the_estimate_fits():
+    from sftkit.backend import Choice
+    from sftkit.batching import plan
+    from sftkit.estimate import MODULES
+
+    gpu = Choice("unsloth", "cuda:0", "GPU", "bf16", "test")
+    h100 = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 1300, 16, MODULES, "adamw_8bit", True, gpu, capacity=79.1)
+    assert (h100["per_device_train_batch_size"], h100["gradient_accumulation_steps"]) == (8, 1)
+    assert h100["gradient_checkpointing"] is False and h100["estimate_gib"] <= 0.85 * 79.1
+    t4 = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 1300, 16, MODULES, "adamw_8bit", True, gpu, capacity=14.7)
+    assert t4["gradient_checkpointing"] is True and t4["estimate_gib"] <= 0.85 * 14.7  # 8B without it needs > 40 GiB
+    # A user who turned checkpointing off keeps it off; the micro-batch shrinks until the estimate fits instead.
+    off = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 2048, 16, MODULES, "adamw_8bit", False, gpu, capacity=40.0)
+    assert off["gradient_checkpointing"] is False and off["per_device_train_batch_size"] < 8
+    assert off["per_device_train_batch_size"] * off["gradient_accumulation_steps"] == 8
+
+
+def test_longest_tokens_measures_the_prepared_rows():
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from sftkit import data, prompts
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    raw = Dataset.from_list([json.loads(x) for x in Path(SAMPLE).read_text().splitlines()][:50])
+    rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+    lengths = [len(tok(p + c)["input_ids"]) for p, c in zip(rows["prompt"], rows["completion"])]
+    assert data.longest_tokens(rows, tok, 10_000) == max(lengths)
+    assert data.longest_tokens(rows, tok, 40) == 40  # capped at max_seq_length
