@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 
 
 def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", extra: str = "",
-         out: str = ""):
+         out: str = "", checkpointing: bool = True):
     """Profile one optimizer step (the last of `steps`) for each config.
 
     Args:
@@ -28,6 +28,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
       backend: auto | unsloth | hf.
       extra: JSON of further SFTConfig fields for configs marked with a '+' (e.g. 8x1+), to test one setting.
       out: JSON path for the results.
+      checkpointing: Unsloth's offloaded gradient checkpointing (fast mode turns it off where memory allows).
     """
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
@@ -43,7 +44,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
+    model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), checkpointing, 3407, True)
     path = make_data(Path("/tmp/sftkit-bench/profile.jsonl"), n=256, mean_tokens=325)
     raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
     rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
@@ -96,7 +97,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
         results.append(r)
         print(json.dumps(r), flush=True)
         del trainer
-    report = {"model_dir": str(model_dir), "backend": choice.backend, "device": torch.cuda.get_device_name(0),
+    report = {"model_dir": str(model_dir), "backend": choice.backend, "checkpointing": checkpointing, "device": torch.cuda.get_device_name(0),
               "results": results}
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
