@@ -185,4 +185,4 @@ def test_estimate_is_within_15_percent_of_the_measured_gpu_runs():
             est = E.estimate(E.KNOWN[shape], r["seq_len"], 2, 16, E.MODULES, True, "adamw_8bit", 80)["total_gib"]
             assert abs(est - r["peak_reserved_gb"]) <= 0.15 * r["peak_reserved_gb"], (shape, r)
             checked += 1
-    assert checked == 8
+    assert checked >= 8  # every measured length of both shapes
