@@ -155,7 +155,8 @@ def train(
     train_rows, eval_rows = data.split_eval(rows, val_size, seed)
     fast_plan = None
     if fast:  # same rows per optimizer step, fewer and larger micro-batches, checkpointing off if it fits
-        longest = data.longest_tokens(train_rows, tokenizer, max_seq_length)
+        # Packed sequences fill max_seq_length; unpacked rows are only as long as the data's longest.
+        longest = max_seq_length if packing else data.longest_tokens(train_rows, tokenizer, max_seq_length)
         fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps, longest, r,
                                   modules, optim, use_gradient_checkpointing, choice)
         fast_plan.update(requested=[per_device_train_batch_size, gradient_accumulation_steps], longest_row=longest)

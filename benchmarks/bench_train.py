@@ -33,7 +33,8 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
 # defaults, which leave PyTorch free to pick cuDNN attention; "hf-sftkit" is the same backend with this
 # project's default (cuDNN attention off), to show how much of the gap that one setting is.
 VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
-            "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"])}
+            "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"]),
+            "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"])}
 
 
 def peak_tflops(device: str) -> float | None:
