@@ -49,6 +49,8 @@ def make_model(shape: str, cache: Path) -> Path:
     model.save_pretrained(out, max_shard_size="5GB")
     tok.save_pretrained(out)
     del model
+    # Hand the ~30 GB back: the caller goes on to run training processes that size themselves to free memory.
+    torch.cuda.empty_cache()
     return out
 
 

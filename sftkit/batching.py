@@ -21,7 +21,7 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
          gradient_checkpointing: bool, choice, capacity: float = 0.0) -> dict:
     """Returns {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "reason",
     "estimate_gib"}. `seq_len` is the longest row the run can see (the data's longest, capped by max_seq_length);
-    `capacity` is the GPU's GiB (0: read from the current device).
+    `capacity` is the GiB this process can use (0: free GPU memory plus what it holds already).
 
     Tried in order: the largest micro-batch first and, at each size, without gradient checkpointing before with
     it (when the user allowed checkpointing). Dropping checkpointing removes the recomputed forward pass and
@@ -36,7 +36,11 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     if not capacity:
         import torch
 
-        capacity = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / estimate.GIB
+        # What this process may grow into: memory free on the card plus what it already holds (the loaded
+        # model, which the estimate counts). Another process on the same GPU (a second notebook kernel, say)
+        # shrinks it; the card's total would overcommit.
+        free, _ = torch.cuda.mem_get_info()
+        capacity = (free + torch.cuda.memory_reserved()) / estimate.GIB
     try:
         cfg, _ = estimate.load_config(model_name)
     except UserError:
@@ -52,5 +56,5 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
                         "gradient_checkpointing": ckpt, "estimate_gib": round(est["total_gib"], 2),
                         "reason": f"largest micro-batch whose worst-case estimate {how} gradient checkpointing "
                                   f"({est['total_gib']:.1f} GiB at {seq_len} tokens/row, the longest row) is "
-                                  f"within {int(BUDGET * 100)}% of {capacity:.1f} GiB"}
+                                  f"within {int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
     return {**keep, "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}
