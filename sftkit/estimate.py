@@ -42,6 +42,11 @@ LOGIT_BYTES = 0.73
 # CUDA context, cuBLAS workspaces and caching-allocator slack: the measured intercept (at zero tokens) less the
 # weights and LoRA state; 0.63 (8B) and 0.62 GiB (1B).
 RUNTIME_OVERHEAD_GIB = 0.62
+# Without gradient checkpointing every layer's activations live until the backward pass, and the caching
+# allocator reserved more than it handed out: fast mode with --packing (8 rows x 2048 tokens, 8B shape, H100)
+# peaked at 64.8 GB allocated and 77.5 GB reserved against 7.7 GiB of weights and state + 58.2 GiB of activations
+# by the layer formula, i.e. reserved = 1.2 x the activations. One measured point; it errs towards "won't fit".
+NO_CHECKPOINT_RESERVE = 1.2
 
 # GiB that torch sees on each card (torch.cuda.get_device_properties().total_memory), less than nvidia-smi's
 # total. A T4 shows 14.56-14.76 depending on the driver (OOM messages; the Unsloth notebook prints "Max memory =
@@ -110,7 +115,7 @@ def activations_gib(cfg: dict, seq: int, batch: int, gradient_checkpointing: boo
     tokens = seq * batch
     layer = tokens * (ACT_HIDDEN_COEF * cfg["hidden_size"] + ACT_INTERMEDIATE_COEF * cfg["intermediate_size"])
     if not gradient_checkpointing:
-        return layer * cfg["num_hidden_layers"] * HALF_BYTES / GIB
+        return NO_CHECKPOINT_RESERVE * layer * cfg["num_hidden_layers"] * HALF_BYTES / GIB
     return (layer + OFFLOAD_BUFFER_LAYERS * tokens * cfg["hidden_size"]) * HALF_BYTES / GIB
 
 
