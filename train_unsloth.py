@@ -101,7 +101,7 @@ def train(
       lr_scheduler_type: learning-rate schedule (linear, cosine, constant, ...).
       seed: random seed for LoRA init, data order and dropout.
       packing: pack several short rows into each sequence (fewer pad tokens, faster).
-      fast: same effective batch in the largest micro-batch the GPU holds (see sftkit/batching.py).
+      fast: same effective batch in the largest micro-batch the GPU holds, checkpointing off if it fits.
       cudnn_attention: let PyTorch use cuDNN attention (it re-plans per new row length: ~2x slower steps on an H100).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = only at the end).
@@ -156,19 +156,22 @@ def train(
     fast_plan = None
     if fast:  # same rows per optimizer step, fewer and larger micro-batches, checkpointing off if it fits
         # Packed sequences fill max_seq_length; unpacked rows are only as long as the data's longest.
-        longest = max_seq_length if packing else data.longest_tokens(train_rows, tokenizer, max_seq_length)
+        on_gpu = choice.device.startswith("cuda")
+        longest = max_seq_length if packing or not on_gpu else data.longest_tokens(train_rows, tokenizer,
+                                                                                  max_seq_length)
         fast_plan = batching.plan(model_name, per_device_train_batch_size, gradient_accumulation_steps, longest, r,
-                                  modules, optim, use_gradient_checkpointing, choice)
+                                  modules, optim, use_gradient_checkpointing, choice, packed=packing, world=world)
         fast_plan.update(requested=[per_device_train_batch_size, gradient_accumulation_steps], longest_row=longest)
-        log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d), gradient checkpointing %s: %s",
+        log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d)%s: %s",
                  fast_plan["per_device_train_batch_size"], fast_plan["gradient_accumulation_steps"],
                  per_device_train_batch_size, gradient_accumulation_steps,
-                 "on" if fast_plan["gradient_checkpointing"] else "off", fast_plan["reason"])
+                 f", gradient checkpointing {'on' if fast_plan['gradient_checkpointing'] else 'off'}" if on_gpu else "",
+                 fast_plan["reason"])
+        # Only the local values change: run.json's args keep what the user asked for (so --resume re-plans
+        # from the same request), and the plan is recorded under "fast".
         per_device_train_batch_size = fast_plan["per_device_train_batch_size"]
         gradient_accumulation_steps = fast_plan["gradient_accumulation_steps"]
         use_gradient_checkpointing = fast_plan["gradient_checkpointing"]
-        args.update(per_device_train_batch_size=per_device_train_batch_size,
-                    gradient_accumulation_steps=gradient_accumulation_steps)
     model = add_lora(model, choice, r, lora_alpha, lora_dropout, modules, use_gradient_checkpointing, seed,
                      load_in_4bit)
     meter = memory.Meter().start()
@@ -231,7 +234,8 @@ def train(
             run.write_record(output_dir, {**record, "status": "aborted" if isinstance(err, KeyboardInterrupt)
                                           else "failed", "error": f"{type(err).__name__}: {err}"})
         if "out of memory" in str(err).lower():
-            smaller = ("drop --fast (it picked micro-batch %d), or " % per_device_train_batch_size if fast else
+            smaller = ("drop --fast (it picked micro-batch %d with gradient checkpointing %s), or "
+                       % (per_device_train_batch_size, "on" if use_gradient_checkpointing else "off") if fast else
                        "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
                        "effective batch) or ")
             raise UserError(f"out of GPU memory ({err}). Checkpoints already saved in {output_dir} are kept. "

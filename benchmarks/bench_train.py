@@ -59,8 +59,8 @@ def run_variant(name, model_dir, data, work, backend, steps, extra, cap_gb, log)
                   peak_reserved_gb=rec["memory"]["peak_reserved_gb"],
                   peak_allocated_gb=rec["memory"].get("peak_allocated_gb"),
                   train_seconds=rec["memory"]["train_seconds"], final_loss=rec["metrics"]["final_loss"],
-                  micro_batch=rec["args"]["per_device_train_batch_size"],
-                  grad_accum=rec["args"]["gradient_accumulation_steps"], fast=rec.get("fast"))
+                  micro_batch=(rec.get("fast") or rec["args"])["per_device_train_batch_size"],  # fast: the plan's
+                  grad_accum=(rec.get("fast") or rec["args"])["gradient_accumulation_steps"], fast=rec.get("fast"))
     return result
 
 

@@ -97,7 +97,8 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
         results.append(r)
         print(json.dumps(r), flush=True)
         del trainer
-    report = {"model_dir": str(model_dir), "backend": choice.backend, "checkpointing": checkpointing, "device": torch.cuda.get_device_name(0),
+    report = {"model_dir": str(model_dir), "backend": choice.backend, "checkpointing": checkpointing,
+              "device": torch.cuda.get_device_name(0),
               "results": results}
     if out:
         Path(out).write_text(json.dumps(report, indent=2))

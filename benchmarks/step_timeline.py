@@ -1,6 +1,6 @@
 """Step-by-step timeline of consecutive trainers in one process: why is the first trainer slower?
 
-    python benchmarks/step_timeline.py --model_dir .bench-cache/llama-3.1-8b --trainers 2x4,2x4 --out /tmp/tl
+    python benchmarks/step_timeline.py --model_dir .bench-cache/llama-3.1-8b --trainers 2x4,2x4 --cudnn_attention
 
 Loads the model once, then runs one SFTTrainer per config in `trainers`, one after the other, on the same
 synthetic Korean-length rows. For every optimizer step it records wall time, non-padding tokens, the CUDA
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 
 
 def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_step: int = 6, backend: str = "auto",
-         extra: str = "", out: str = "/tmp/sftkit-bench/timeline"):
+         extra: str = "", out: str = "/tmp/sftkit-bench/timeline", cudnn_attention: bool = False):
     """Run the trainers in turn and write timeline.json plus one cProfile text per trainer under `out`.
 
     Args:
@@ -35,6 +35,7 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
       backend: auto | unsloth | hf.
       extra: JSON of further SFTConfig fields for configs marked with a '+' (e.g. 2x4+).
       out: output folder.
+      cudnn_attention: allow cuDNN attention (the setting under which the first trainer was found slow).
     """
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
@@ -73,7 +74,7 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # CPU dry run of the harness
     t_load = time.perf_counter()
-    choice = choose(backend, "auto")
+    choice = choose(backend, "auto", cudnn_attention)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
     path = make_data(Path("/tmp/sftkit-bench/timeline.jsonl"), n=512, mean_tokens=325)
@@ -111,6 +112,7 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
             print(self.tag, json.dumps(row), flush=True)
 
     report = {"model_dir": str(model_dir), "backend": choice.backend, "load_s": round(load_s, 1),
+              "cudnn_attention": cudnn_attention,
               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "trainers": []}
     for i, cfg in enumerate(listed(trainers)):
         micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))

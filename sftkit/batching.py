@@ -2,9 +2,9 @@
 
 Why it is faster: the notebook's micro-batch of 2 rows (~650 tokens) leaves an H100 waiting on per-kernel
 launch overhead; 8 rows per kernel do 4x the work for about the same overhead. Where the memory estimate
-allows, it also turns gradient checkpointing off, which saves recomputing the forward pass. What it changes:
-only how the rows of one optimizer step are split, and whether activations are kept or recomputed. The rows, their order, the learning rate schedule and the number of
-optimizer steps stay the same, and the loss is normalised over all tokens of the step (transformers passes
+allows (Unsloth backend), it also turns gradient checkpointing off, which saves recomputing the forward pass.
+What it changes: only how the rows of one optimizer step are split, and whether activations are kept or
+recomputed. The rows, their order, the learning rate schedule and the number of optimizer steps stay the same, and the loss is normalised over all tokens of the step (transformers passes
 num_items_in_batch), so each optimizer step sees the same gradient up to floating-point summation order.
 """
 
@@ -14,14 +14,18 @@ from . import estimate
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
-BUDGET = 0.85  # of the card: the estimate is a worst case, but leave room for fragmentation and other tenants
+BUDGET = 0.85  # of the memory this process can use: the estimate is a worst case, but leave room for fragmentation
+# Packed micro-batches (every row max_seq_length long) reserved more than the batch-2 calibration predicts:
+# 8 x 2048 packed tokens with checkpointing, 8B shape, H100: 11.8 GB reserved against 9.6 GiB estimated.
+PACKED_RESERVE = 1.25
 
 
 def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, target_modules, optim: str,
-         gradient_checkpointing: bool, choice, capacity: float = 0.0) -> dict:
+         gradient_checkpointing: bool, choice, capacity: float = 0.0, packed: bool = False, world: int = 1) -> dict:
     """Returns {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "reason",
     "estimate_gib"}. `seq_len` is the longest row the run can see (the data's longest, capped by max_seq_length);
-    `capacity` is the GiB this process can use (0: free GPU memory plus what it holds already).
+    `capacity` is the GiB this process can use (0: free GPU memory plus what it holds already, or the card's
+    total when `world` > 1, so that every rank makes the same plan); `packed`: rows are packed to seq_len.
 
     Tried in order: the largest micro-batch first and, at each size, without gradient checkpointing before with
     it (when the user allowed checkpointing). Dropping checkpointing removes the recomputed forward pass and
@@ -38,23 +42,28 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
 
         # What this process may grow into: memory free on the card plus what it already holds (the loaded
         # model, which the estimate counts). Another process on the same GPU (a second notebook kernel, say)
-        # shrinks it; the card's total would overcommit.
-        free, _ = torch.cuda.mem_get_info()
-        capacity = (free + torch.cuda.memory_reserved()) / estimate.GIB
+        # shrinks it; the card's total would overcommit. Under torchrun every rank must pick the same split
+        # (DDP syncs once per micro-batch), and free memory can differ between ranks: use the card's total.
+        free, total = torch.cuda.mem_get_info()
+        capacity = (total if world > 1 else free + torch.cuda.memory_reserved()) / estimate.GIB
     try:
         cfg, _ = estimate.load_config(model_name)
     except UserError:
         return {**keep, "reason": "model shape unknown offline, so the micro-batch is kept as given"}
     mods = [m for m in target_modules if m in estimate.MODULES] or list(estimate.MODULES)
     opt = optim if optim in estimate.OPTIMIZER_STATE_BYTES else "adamw_8bit"
+    # The estimate was measured on Unsloth's offloaded checkpointing; only there may fast mode drop it.
+    unsloth = choice.backend == "unsloth"
     for micro in divisors:
-        for ckpt in ([False, True] if gradient_checkpointing else [False]):
+        for ckpt in ([False, True] if gradient_checkpointing and unsloth else [gradient_checkpointing]):
             est = estimate.estimate(cfg, seq_len, micro, r, mods, ckpt, opt, capacity)
-            if est["total_gib"] <= BUDGET * capacity:
+            need = est["total_gib"] * (PACKED_RESERVE if packed else 1.0)
+            if need <= BUDGET * capacity:
                 how = "with" if ckpt else "without"
+                rows = "packed to max_seq_length" if packed else "the longest row"
                 return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro,
-                        "gradient_checkpointing": ckpt, "estimate_gib": round(est["total_gib"], 2),
+                        "gradient_checkpointing": ckpt, "estimate_gib": round(need, 2),
                         "reason": f"largest micro-batch whose worst-case estimate {how} gradient checkpointing "
-                                  f"({est['total_gib']:.1f} GiB at {seq_len} tokens/row, the longest row) is "
-                                  f"within {int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
+                                  f"({need:.1f} GiB at {seq_len} tokens/row, {rows}) is within "
+                                  f"{int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
     return {**keep, "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}

@@ -185,8 +185,9 @@ def longest_tokens(ds, tokenizer, cap: int) -> int:
     else:
         texts = ds["text"]
     longest = 0
-    for i in range(0, len(texts), 1024):  # batches keep memory flat on large data sets
-        longest = max([longest, *(len(ids) for ids in tokenizer(texts[i:i + 1024])["input_ids"])])
+    for i in range(0, len(texts), 1024):  # stop early once a row reaches the cap
+        ids = tokenizer(texts[i:i + 1024], truncation=True, max_length=cap)["input_ids"]
+        longest = max([longest, *map(len, ids)])
         if longest >= cap:
             return cap
     return longest

@@ -110,7 +110,7 @@ def clear(output_dir: str):
 
 # Arguments a resumed run may change; every other one must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "resume",
-                     "overwrite", "save_merged", "save_gguf", "push_to_hub", "output_dir"}
+                     "overwrite", "save_merged", "save_gguf", "push_to_hub", "output_dir", "cudnn_attention"}
 
 
 def resume_args(output_dir: str, given: dict, defaults: dict) -> dict:

@@ -74,6 +74,7 @@ adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_di
                                     adapter_dir).eval()
 a = merged.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
 b = adapted.generate(ids, max_new_tokens=12, do_sample=False)[0].tolist()
+print("PROMPT", ids.shape[1])
 print("MERGED", a)
 print("ADAPTED", b)
 """
@@ -94,8 +95,10 @@ def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
     res = subprocess.run([sys.executable, "-c", COMPARE_IN_PLAIN_TRANSFORMERS, str(Path(out) / "merged-16bit"),
                           str(out), str(TINY)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("MERGED", "ADAPTED")))
-    assert lines["MERGED"] == lines["ADAPTED"] and len(json.loads(lines["MERGED"])) > 0
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines()
+                 if line.startswith(("PROMPT", "MERGED", "ADAPTED")))
+    assert lines["MERGED"] == lines["ADAPTED"]
+    assert len(json.loads(lines["MERGED"])) > int(lines["PROMPT"])  # new tokens were generated
 
 
 def test_gguf_without_llama_cpp_fails_after_the_adapter_is_saved(tmp_path):

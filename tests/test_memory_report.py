@@ -124,7 +124,9 @@ def test_estimate_without_checkpointing_keeps_every_layer():
 
 
 def test_estimate_without_checkpointing_covers_the_measured_fast_packing_run():
-    """Fast mode + packing, 8B, 8 rows x 2048 tokens, no checkpointing: 77.5 GB reserved on the H100."""
+    """Regression guard for NO_CHECKPOINT_RESERVE, which was fitted to this run (fast mode + packing, 8B, 8 rows
+    x 2048 tokens, no checkpointing: 77.5 GB reserved on the H100): lowering it would promise room that was not
+    there."""
     measured = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" /
                            "train-llama-3.1-8b-packing.json").read_text())
     run = next(r for r in measured["results"] if r["variant"] == "unsloth-fast-packing-nockpt")
@@ -194,4 +196,4 @@ def test_estimate_is_within_15_percent_of_the_measured_gpu_runs():
             est = E.estimate(E.KNOWN[shape], r["seq_len"], 2, 16, E.MODULES, True, "adamw_8bit", 80)["total_gib"]
             assert abs(est - r["peak_reserved_gb"]) <= 0.15 * r["peak_reserved_gb"], (shape, r)
             checked += 1
-    assert checked >= 8  # every measured length of both shapes
+    assert checked == 9  # every measured length of both shapes (4 for 1B, 5 for 8B)

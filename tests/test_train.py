@@ -110,12 +110,24 @@ def test_fast_mode_regroups_micro_batches_without_changing_what_is_learned(tmp_p
     slow = train(**quick_args(tmp_path / "a", max_steps=4, save_steps=0, max_samples=32))
     fast = train(**quick_args(tmp_path / "b", max_steps=4, save_steps=0, max_samples=32, fast=True))
     rec = json.loads((Path(fast) / "run.json").read_text())
-    assert (rec["args"]["per_device_train_batch_size"], rec["args"]["gradient_accumulation_steps"]) == (8, 1)
-    assert rec["fast"]["requested"] == [2, 4]
+    assert (rec["fast"]["per_device_train_batch_size"], rec["fast"]["gradient_accumulation_steps"]) == (8, 1)
+    assert rec["fast"]["requested"] == [2, 4]  # args keep the request, so --resume re-plans from it
+    assert (rec["args"]["per_device_train_batch_size"], rec["args"]["gradient_accumulation_steps"]) == (2, 4)
     a, b = metrics(slow), metrics(fast)
     assert [m["tokens_seen"] for m in a] == [m["tokens_seen"] for m in b]  # the same rows in each step
     for x, y in zip(a, b):  # and the same loss, step after step: the same updates were made
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_fast_mode_run_resumes_with_the_same_command(tmp_path):
+    args = quick_args(tmp_path, max_samples=32, fast=True, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4, save_steps=2)
+    train(**{**args, "max_steps": 2})
+    out = train(**{**args, "max_steps": 4, "resume": True})
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 4
+    assert rec["fast"]["requested"] == [1, 4] and rec["fast"]["per_device_train_batch_size"] == 4
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]  # continued at step 3, nothing repeated
 
 
 def test_cli_target_modules_and_counts_as_fire_parses_them(tmp_path):
@@ -216,6 +228,14 @@ def test_fast_plan_prefers_no_checkpointing_where_the_estimate_fits():
     off = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 2048, 16, MODULES, "adamw_8bit", False, gpu, capacity=40.0)
     assert off["gradient_checkpointing"] is False and off["per_device_train_batch_size"] < 8
     assert off["per_device_train_batch_size"] * off["gradient_accumulation_steps"] == 8
+    # The hf backend keeps checkpointing: the estimate without it was measured on Unsloth only.
+    hf = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 1300, 16, MODULES, "adamw_8bit", True,
+              Choice("hf", "cuda:0", "GPU", "bf16", "test"), capacity=79.1)
+    assert hf["gradient_checkpointing"] is True and hf["per_device_train_batch_size"] == 8
+    # Packed rows are all max_seq_length long and plan at 1.25x: 8 x 2048 without checkpointing no longer fits.
+    packed = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 2048, 16, MODULES, "adamw_8bit", True, gpu, capacity=77.9,
+                  packed=True)
+    assert packed["gradient_checkpointing"] is True and packed["per_device_train_batch_size"] == 8
 
 
 def test_longest_tokens_measures_the_prepared_rows():
