@@ -38,13 +38,16 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     tok.padding_side = "left"
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)  # CPU: a dry run of the harness (shape tiny)
+
     def timed(texts):
         enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
             outp = model.generate(**enc, **gen)
-        torch.cuda.synchronize()
+        sync()
         produced = (outp.shape[1] - enc["input_ids"].shape[1]) * len(texts)
         return produced, time.perf_counter() - t0
 
@@ -52,57 +55,72 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     timed(prompts)
     single = [timed(prompts[:1]) for _ in range(repeats)]
     many = [timed(prompts) for _ in range(repeats)]
-    res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0),
+    res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
            f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
-           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3)}
+           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None}
     Path(out).write_text(json.dumps(res))
     print(json.dumps(res))
 
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
-         repeats: int = 3, cache: str = "/tmp/sftkit-bench", out: str = ""):
+         repeats: int = 3, rounds: int = 1, cache: str = "/tmp/sftkit-bench", out: str = ""):
     """Benchmark decoding and write JSON.
 
     Args:
-      shape: llama-3.1-8b | llama-3.2-1b (random weights, built once under cache).
+      shape: llama-3.1-8b | llama-3.2-1b (random weights, built once under cache) | tiny (CPU dry run).
       backends: comma-separated variants to compare (see VARIANTS; hf is plain transformers).
       new_tokens: tokens generated per prompt.
       batch: prompts in the batched measurement.
-      repeats: timed repetitions of each measurement.
+      repeats: timed repetitions of each measurement within a process.
+      rounds: times the whole list of variants is run, interleaved (A B A B ...), to show the spread.
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
     """
     from shapes import listed, make_model
 
     model_dir = make_model(shape, Path(cache))
-    results = []
-    unknown = [b for b in listed(backends) if b not in VARIANTS]
+    names = listed(backends)
+    unknown = [b for b in names if b not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
-    for b in listed(backends):
-        tmp = Path(cache) / f"infer-{b}.json"
-        tmp.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats), str(tmp)]
-        log = Path(cache) / f"infer-{b}.log"
-        with open(log, "w") as f:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-        results.append(json.loads(tmp.read_text()) if tmp.exists() else
-                       {"variant": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]})
-        print(json.dumps(results[-1])[:600], flush=True)
+    results = []
+    for rnd in range(rounds):
+        for b in names:
+            tmp = Path(cache) / f"infer-{b}.json"
+            tmp.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats),
+                   str(tmp)]
+            log = Path(cache) / f"infer-{b}.log"
+            with open(log, "w") as f:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+            results.append({**(json.loads(tmp.read_text()) if tmp.exists() else
+                                {"variant": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]}),
+                            "round": rnd})
+            print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
-    ok = {r["variant"]: r for r in results if "error" not in r}
-    print(f"| variant | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|")
-    for r in ok.values():
-        print(f"| {r['variant']} | {r['bs1_tokens_per_s']} | {r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x | "
-              f"{r['peak_reserved_gb']} |")
-    if "unsloth" in ok and "hf" in ok:
-        print(f"unsloth / hf at bs1: {ok['unsloth']['bs1_tokens_per_s'] / ok['hf']['bs1_tokens_per_s']:.2f}x; "
-              f"at bs{batch}: {ok['unsloth'][key] / ok['hf'][key]:.2f}x")
+    ok = [r for r in results if "error" not in r]
+    print(f"| round | variant | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|---|")
+    for r in ok:
+        print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {r[key]} | "
+              f"{r[key] / r['bs1_tokens_per_s']:.1f}x | {r['peak_reserved_gb']} |")
+    ratios = []  # unsloth / hf within each round: the pairs that shared the machine's state most closely
+    for rnd in range(rounds):
+        pair = {r["variant"]: r for r in ok if r["round"] == rnd}
+        if "unsloth" in pair and "hf" in pair:
+            ratios.append({"round": rnd, "bs1": round(pair["unsloth"]["bs1_tokens_per_s"] /
+                                                      pair["hf"]["bs1_tokens_per_s"], 3),
+                           f"bs{batch}": round(pair["unsloth"][key] / pair["hf"][key], 3)})
+    for x in ratios:
+        print(f"round {x['round']}: unsloth / hf at bs1 {x['bs1']:.2f}x, at bs{batch} {x[f'bs{batch}']:.2f}x")
+    if len(ratios) > 1:
+        bs1 = sorted(x["bs1"] for x in ratios)
+        print(f"unsloth / hf at bs1 over {len(ratios)} rounds: min {bs1[0]:.2f}x, "
+              f"median {bs1[len(bs1) // 2]:.2f}x, max {bs1[-1]:.2f}x")
     path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,
-                                "batch": batch, "results": results}, indent=2))
+                                "batch": batch, "rounds": rounds, "results": results, "ratios": ratios}, indent=2))
     print(f"wrote {path}")
 
 
