@@ -34,20 +34,16 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
 
     import torch
-    from datasets import Dataset
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import listed, make_data
-    from sftkit import data, prompts
+    from shapes import listed, parse_config, prepared_rows
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), checkpointing, 3407, True)
-    path = make_data(Path("/tmp/sftkit-bench/profile.jsonl"), n=256, mean_tokens=325)
-    raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
-    rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+    rows = prepared_rows(Path("/tmp/sftkit-bench/profile.jsonl"), 256, tok)
 
     class Profile(TrainerCallback):
         def __init__(self):
@@ -71,8 +67,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
 
     results = []
     for cfg in listed(configs):
-        micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))
-        more = (extra if isinstance(extra, dict) else json.loads(extra)) if cfg.endswith("+") and extra else {}
+        micro, accum, more = parse_config(cfg, extra)
         cb = Profile()
         args = SFTConfig(output_dir="/tmp/sftkit-bench/prof", per_device_train_batch_size=micro,
                          gradient_accumulation_steps=accum, max_steps=steps, learning_rate=2e-4, optim="adamw_8bit",

@@ -82,6 +82,24 @@ def make_data(path: Path, n: int = 512, mean_tokens: int = 325, fixed: int = 0, 
     return path
 
 
+def prepared_rows(path: Path, n: int, tokenizer):
+    """`n` synthetic Korean-length rows (make_data), rendered with the alpaca_ko template and the tokenizer's EOS,
+    as the training script would feed them to SFTTrainer."""
+    from datasets import Dataset
+
+    from sftkit import data, prompts
+
+    raw = Dataset.from_list([json.loads(x) for x in make_data(path, n=n, mean_tokens=325).read_text().splitlines()])
+    return data.prepare(raw, prompts.load("alpaca_ko"), tokenizer.eos_token)[0]
+
+
+def parse_config(cfg: str, extra) -> tuple:
+    """`8x1` -> (8, 1, {}); a trailing `+` (e.g. `2x4+`) adds the SFTConfig fields in `extra` (JSON or a dict)."""
+    micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))
+    more = (extra if isinstance(extra, dict) else json.loads(extra)) if cfg.endswith("+") and extra else {}
+    return micro, accum, more
+
+
 def listed(value) -> list:
     """A comma-separated CLI value as a list of strings: Fire hands `512,2048` over as a tuple of ints."""
     items = value if isinstance(value, (tuple, list)) else str(value).split(",")

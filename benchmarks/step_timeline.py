@@ -41,12 +41,10 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
 
     import torch
-    from datasets import Dataset
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import listed, make_data
-    from sftkit import data, prompts
+    from shapes import listed, parse_config, prepared_rows
 
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
@@ -77,9 +75,7 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
     choice = choose(backend, "auto", cudnn_attention)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
-    path = make_data(Path("/tmp/sftkit-bench/timeline.jsonl"), n=512, mean_tokens=325)
-    raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
-    rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+    rows = prepared_rows(Path("/tmp/sftkit-bench/timeline.jsonl"), 512, tok)
     load_s = time.perf_counter() - t_load
 
     class Timeline(TrainerCallback):
@@ -115,8 +111,7 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
               "cudnn_attention": cudnn_attention,
               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "trainers": []}
     for i, cfg in enumerate(listed(trainers)):
-        micro, accum = (int(x) for x in cfg.rstrip("+").split("x"))
-        more = (extra if isinstance(extra, dict) else json.loads(extra)) if cfg.endswith("+") and extra else {}
+        micro, accum, more = parse_config(cfg, extra)
         tag = f"{i}-{cfg.rstrip('+')}{'+' if more else ''}"
         cb = Timeline(tag)
         args = SFTConfig(output_dir=str(outdir / "trainer"), per_device_train_batch_size=micro,
@@ -132,7 +127,8 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
         later = cb.steps[len(cb.steps) // 2:]
         summary = {"tag": tag, "config": cfg, "extra": more, "init_s": round(init_s, 1),
                    "mean_step_s": round(sum(walls) / len(walls), 3),
-                   "later_half_tokens_per_s": round(sum(s["tokens"] for s in later) / sum(s["wall_s"] for s in later), 1),
+                   "later_half_tokens_per_s": round(sum(s["tokens"] for s in later)
+                                                    / sum(s["wall_s"] for s in later), 1),
                    "steps": cb.steps}
         report["trainers"].append(summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "steps"}), flush=True)

@@ -4,8 +4,9 @@ Why it is faster: the notebook's micro-batch of 2 rows (~650 tokens) leaves an H
 launch overhead; 8 rows per kernel do 4x the work for about the same overhead. Where the memory estimate
 allows (Unsloth backend), it also turns gradient checkpointing off, which saves recomputing the forward pass.
 What it changes: only how the rows of one optimizer step are split, and whether activations are kept or
-recomputed. The rows, their order, the learning rate schedule and the number of optimizer steps stay the same, and the loss is normalised over all tokens of the step (transformers passes
-num_items_in_batch), so each optimizer step sees the same gradient up to floating-point summation order.
+recomputed. The rows, their order, the learning rate schedule and the number of optimizer steps stay the same,
+and the loss is normalised over all tokens of the step (transformers passes num_items_in_batch), so each
+optimizer step sees the same gradient up to floating-point summation order.
 """
 
 import logging
