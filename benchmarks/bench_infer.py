@@ -23,7 +23,36 @@ VARIANTS = {"unsloth": ("unsloth", False), "unsloth-cudnn": ("unsloth", True), "
             "hf-sftkit": ("hf", False)}
 
 
-def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: int, out: str):
+def decode_profile(model, enc, tokens: int) -> dict:
+    """One bs1 generate of `tokens` tokens under torch.profiler: per generated token, the wall and CPU time, the
+    GPU kernel time, kernel launches and host-device syncs, and the ops that took the most CPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
+        t0, c0 = time.perf_counter(), time.process_time()
+        model.generate(**enc, **gen)
+        torch.cuda.synchronize()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    events = prof.events()
+    gpu_us = sum(e.self_device_time_total for e in events if "CUDA" in str(getattr(e, "device_type", "")))
+    count = lambda names: sum(1 for e in events if e.name in names)  # noqa: E731
+    launches = count(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
+    syncs = count(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
+    return {"tokens": tokens, "wall_ms_per_token": round(1e3 * wall / tokens, 2),
+            "cpu_ms_per_token": round(1e3 * cpu / tokens, 2),  # process CPU time (profiler overhead included)
+            "gpu_kernel_ms_per_token": round(gpu_us / 1e3 / tokens, 2),
+            "gpu_busy_pct": round(100 * gpu_us / 1e6 / wall, 1), "launches_per_token": round(launches / tokens, 1),
+            "syncs_per_token": round(syncs / tokens, 1),
+            "top_cpu_ops": [[e.key[:50], round(e.self_cpu_time_total / 1e3 / tokens, 2), e.count // tokens]
+                            for e in top]}
+
+
+def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: int, out: str,
+           profile_tokens: int = 0):
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
 
@@ -58,13 +87,18 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
            f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
+           "bs1_each": [round(n / t, 1) for n, t in single],
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None}
+    if profile_tokens and cuda:
+        res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
+                                            profile_tokens)
     Path(out).write_text(json.dumps(res))
     print(json.dumps(res))
 
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
-         repeats: int = 3, rounds: int = 1, cache: str = "/tmp/sftkit-bench", out: str = ""):
+         repeats: int = 3, rounds: int = 1, profile_tokens: int = 0, cache: str = "/tmp/sftkit-bench",
+         out: str = ""):
     """Benchmark decoding and write JSON.
 
     Args:
@@ -74,6 +108,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       batch: prompts in the batched measurement.
       repeats: timed repetitions of each measurement within a process.
       rounds: times the whole list of variants is run, interleaved (A B A B ...), to show the spread.
+      profile_tokens: if > 0, also profile one batch-1 generate of this many tokens (launches, syncs, CPU).
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
     """
@@ -90,7 +125,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
             tmp = Path(cache) / f"infer-{b}.json"
             tmp.unlink(missing_ok=True)
             cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats),
-                   str(tmp)]
+                   str(tmp), str(profile_tokens)]
             log = Path(cache) / f"infer-{b}.log"
             with open(log, "w") as f:
                 rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode

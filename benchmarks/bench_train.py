@@ -34,7 +34,10 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
 # project's default (cuDNN attention off), to show how much of the gap that one setting is.
 VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
             "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"]),
-            "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"])}
+            "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"]),
+            # The plan fast mode made for packed rows before it weighed checkpointing against micro-batch size.
+            "unsloth-packing-8x1-ckpt": ("unsloth", ["--packing", "--per_device_train_batch_size", "8",
+                                                     "--gradient_accumulation_steps", "1"])}
 
 
 def peak_tflops(device: str) -> float | None:

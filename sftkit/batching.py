@@ -19,6 +19,11 @@ BUDGET = 0.85  # of the memory this process can use: the estimate is a worst cas
 # Packed micro-batches (every row max_seq_length long) reserved more than the batch-2 calibration predicts:
 # 8 x 2048 packed tokens with checkpointing, 8B shape, H100: 11.8 GB reserved against 9.6 GiB estimated.
 PACKED_RESERVE = 1.25
+# Tokens per micro-batch from which a step is bound by the GPU rather than by launching kernels. Measured on an
+# H100, 8B shape, no checkpointing (benchmarks/README.md, "Where fast mode's time goes"): 2,000 tokens took 0.29 s
+# of GPU kernels inside 0.49 s of wall time spent launching ~3,900 kernels; at twice the tokens the GPU's share
+# is the larger one, so from there two micro-batches without recomputation beat one with it.
+GPU_BOUND_TOKENS = 4096
 
 
 def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, target_modules, optim: str,
@@ -28,9 +33,10 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     `capacity` is the GiB this process can use (0: free GPU memory plus what it holds already, or the card's
     total when `world` > 1, so that every rank makes the same plan); `packed`: rows are packed to seq_len.
 
-    Tried in order: the largest micro-batch first and, at each size, without gradient checkpointing before with
-    it (when the user allowed checkpointing). Dropping checkpointing removes the recomputed forward pass and
-    the activation copies to the CPU; the gradients are the same."""
+    For each setting of gradient checkpointing (off, and on when the user allowed it), the largest micro-batch
+    that fits; off wins where its micro-batch is as large, or half as large and big enough to keep the GPU busy
+    (worth_dropping). Dropping checkpointing removes the recomputed forward pass and the activation copies to
+    the CPU; the gradients are the same."""
     effective = per_device * accum
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
     keep = {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": accum,
@@ -55,16 +61,33 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     opt = optim if optim in estimate.OPTIMIZER_STATE_BYTES else "adamw_8bit"
     # The estimate was measured on Unsloth's offloaded checkpointing; only there may fast mode drop it.
     unsloth = choice.backend == "unsloth"
-    for micro in divisors:
-        for ckpt in ([False, True] if gradient_checkpointing and unsloth else [gradient_checkpointing]):
+    fits = {}  # checkpointing on/off -> (largest micro-batch that fits, its estimate)
+    for ckpt in ([False, True] if gradient_checkpointing and unsloth else [gradient_checkpointing]):
+        for micro in divisors:
             est = estimate.estimate(cfg, seq_len, micro, r, mods, ckpt, opt, capacity)
             need = est["total_gib"] * (PACKED_RESERVE if packed else 1.0)
             if need <= BUDGET * capacity:
-                how = "with" if ckpt else "without"
-                rows = "packed to max_seq_length" if packed else "the longest row"
-                return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro,
-                        "gradient_checkpointing": ckpt, "estimate_gib": round(need, 2),
-                        "reason": f"largest micro-batch whose worst-case estimate {how} gradient checkpointing "
-                                  f"({need:.1f} GiB at {seq_len} tokens/row, {rows}) is within "
-                                  f"{int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
-    return {**keep, "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}
+                fits[ckpt] = (micro, need)
+                break
+    if not fits:
+        return {**keep, "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}
+    ckpt = min(fits)  # False (no checkpointing) where it fits at all...
+    if ckpt is False and True in fits and not worth_dropping(fits[False][0], fits[True][0], seq_len):
+        ckpt = True  # ...unless that needs a much smaller micro-batch than checkpointing allows
+    micro, need = fits[ckpt]
+    how = "with" if ckpt else "without"
+    rows = "packed to max_seq_length" if packed else "the longest row"
+    return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro,
+            "gradient_checkpointing": ckpt, "estimate_gib": round(need, 2),
+            "reason": f"largest micro-batch whose worst-case estimate {how} gradient checkpointing "
+                      f"({need:.1f} GiB at {seq_len} tokens/row, {rows}) is within "
+                      f"{int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
+
+
+def worth_dropping(micro_free: int, micro_ckpt: int, seq_len: int) -> bool:
+    """Is micro-batch `micro_free` without checkpointing faster than `micro_ckpt` (larger) with it?
+    Checkpointing recomputes the forward pass: about a third more GPU work. A smaller micro-batch costs another
+    round of kernel launches per optimizer step, which matters only while launches, not the GPU, set the pace."""
+    if micro_free >= micro_ckpt:
+        return True
+    return 2 * micro_free >= micro_ckpt and micro_free * seq_len >= GPU_BOUND_TOKENS

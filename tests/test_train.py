@@ -232,10 +232,16 @@ def test_fast_plan_prefers_no_checkpointing_where_the_estimate_fits():
     hf = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 1300, 16, MODULES, "adamw_8bit", True,
               Choice("hf", "cuda:0", "GPU", "bf16", "test"), capacity=79.1)
     assert hf["gradient_checkpointing"] is True and hf["per_device_train_batch_size"] == 8
-    # Packed rows are all max_seq_length long and plan at 1.25x: 8 x 2048 without checkpointing no longer fits.
+    # Packed rows are all max_seq_length long and plan at 1.25x: 8 x 2048 fits only with checkpointing, 4 x 2048
+    # without. 4 x 2048 tokens keep the GPU busy, so two micro-batches beat one with the forward pass recomputed.
     packed = plan("unsloth/Meta-Llama-3.1-8B", 2, 4, 2048, 16, MODULES, "adamw_8bit", True, gpu, capacity=77.9,
                   packed=True)
-    assert packed["gradient_checkpointing"] is True and packed["per_device_train_batch_size"] == 8
+    assert (packed["per_device_train_batch_size"], packed["gradient_accumulation_steps"]) == (4, 2)
+    assert packed["gradient_checkpointing"] is False
+    # Short rows: micro-batches of a few hundred tokens are bound by kernel launches, so the larger micro-batch
+    # with checkpointing wins over half of it without (on 11 GiB: 2 x 300 tokens fit without it, 4 x 300 with).
+    small = plan("unsloth/Meta-Llama-3.1-8B", 2, 2, 300, 16, MODULES, "adamw_8bit", True, gpu, capacity=11.0)
+    assert small["gradient_checkpointing"] is True and small["per_device_train_batch_size"] == 4
 
 
 def test_longest_tokens_measures_the_prepared_rows():
