@@ -35,6 +35,9 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
 VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
             "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"]),
             "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"]),
+            # Fast mode with PyTorch's fused AdamW (fp32 states, one multi-tensor kernel) instead of bitsandbytes'
+            # 8-bit AdamW (a kernel and Python call per LoRA matrix): how much of the step is the optimizer.
+            "unsloth-fast-fused-adamw": ("unsloth", ["--fast", "--optim", "adamw_torch_fused"]),
             # The plan fast mode made for packed rows before it weighed checkpointing against micro-batch size.
             "unsloth-packing-8x1-ckpt": ("unsloth", ["--packing", "--per_device_train_batch_size", "8",
                                                      "--gradient_accumulation_steps", "1"])}

@@ -2,7 +2,8 @@
 
 Why it is faster: the notebook's micro-batch of 2 rows (~650 tokens) leaves an H100 waiting on per-kernel
 launch overhead; 8 rows per kernel do 4x the work for about the same overhead. Where the memory estimate
-allows (Unsloth backend), it also turns gradient checkpointing off, which saves recomputing the forward pass.
+allows (Unsloth backend), it also turns gradient checkpointing off, which saves recomputing the forward pass,
+even at half the micro-batch once micro-batches are large enough to keep the GPU busy.
 What it changes: only how the rows of one optimizer step are split, and whether activations are kept or
 recomputed. The rows, their order, the learning rate schedule and the number of optimizer steps stay the same,
 and the loss is normalised over all tokens of the step (transformers passes num_items_in_batch), so each
