@@ -8,6 +8,7 @@ Each backend runs in its own process. Both load the model in 4-bit with a fresh 
 """
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -23,13 +24,13 @@ VARIANTS = {"unsloth": ("unsloth", False), "unsloth-cudnn": ("unsloth", True), "
             "hf-sftkit": ("hf", False)}
 
 
-def decode_profile(model, enc, tokens: int) -> dict:
+def decode_profile(model, enc, tokens: int, pad_token_id: int) -> dict:
     """One bs1 generate of `tokens` tokens under torch.profiler: per generated token, the wall and CPU time, the
     GPU kernel time, kernel launches and host-device syncs, and the ops that took the most CPU."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
         t0, c0 = time.perf_counter(), time.process_time()
@@ -47,7 +48,7 @@ def decode_profile(model, enc, tokens: int) -> dict:
             "gpu_kernel_ms_per_token": round(gpu_us / 1e3 / tokens, 2),
             "gpu_busy_pct": round(100 * gpu_us / 1e6 / wall, 1), "launches_per_token": round(launches / tokens, 1),
             "syncs_per_token": round(syncs / tokens, 1),
-            "top_cpu_ops": [[e.key[:50], round(e.self_cpu_time_total / 1e3 / tokens, 2), e.count // tokens]
+            "top_cpu_ops": [[e.key[:50], round(e.self_cpu_time_total / 1e3 / tokens, 2), round(e.count / tokens, 1)]
                             for e in top]}
 
 
@@ -91,7 +92,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None}
     if profile_tokens and cuda:
         res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
-                                            profile_tokens)
+                                            profile_tokens, tok.pad_token_id)
     Path(out).write_text(json.dumps(res))
     print(json.dumps(res))
 
@@ -108,7 +109,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       batch: prompts in the batched measurement.
       repeats: timed repetitions of each measurement within a process.
       rounds: times the whole list of variants is run, interleaved (A B A B ...), to show the spread.
-      profile_tokens: if > 0, also profile one batch-1 generate of this many tokens (launches, syncs, CPU).
+      profile_tokens: if > 0, also profile one batch-1 generate of this many tokens (GPU only).
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
     """
@@ -151,7 +152,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
     if len(ratios) > 1:
         bs1 = sorted(x["bs1"] for x in ratios)
         print(f"unsloth / hf at bs1 over {len(ratios)} rounds: min {bs1[0]:.2f}x, "
-              f"median {bs1[len(bs1) // 2]:.2f}x, max {bs1[-1]:.2f}x")
+              f"median {statistics.median(bs1):.2f}x, max {bs1[-1]:.2f}x")
     path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,

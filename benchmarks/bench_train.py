@@ -95,7 +95,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
       rows: synthetic rows to generate.
       mean_tokens: mean row length in tokens (the Korean set's rows average about 325 with the template).
       memory_cap_gb: cap GPU memory per process (e.g. 15 for a 16 GB T4), then search the longest sequence.
-      seq_lens: sequence lengths tried, in order, by the longest-sequence search under the cap.
+      seq_lens: sequence lengths tried, in order, by the longest-sequence search under the cap ("" skips it).
       cache: folder for the generated model and data (large: 16 GB for the 8B shape).
       out: JSON path (default benchmarks/results/train-<shape>[-capN].json).
     """
@@ -132,7 +132,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
         results.append(r)
         print(json.dumps(r)[:600], flush=True)
         save(report, path)  # after every variant: a run cut short still leaves its numbers
-    if memory_cap_gb:
+    if memory_cap_gb and listed(seq_lens):
         report["seq_search"] = seq_search(model_dir, seq_lens, memory_cap_gb, work)
         save(report, path)
     print(table(results))

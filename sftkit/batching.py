@@ -10,21 +10,19 @@ and the loss is normalised over all tokens of the step (transformers passes num_
 optimizer step sees the same gradient up to floating-point summation order.
 """
 
-import logging
-
 from . import estimate
 from .errors import UserError
 
-log = logging.getLogger("sftkit")
 BUDGET = 0.85  # of the memory this process can use: the estimate is a worst case, but leave room for fragmentation
 # Packed micro-batches (every row max_seq_length long) reserved more than the batch-2 calibration predicts:
 # 8 x 2048 packed tokens with checkpointing, 8B shape, H100: 11.8 GB reserved against 9.6 GiB estimated.
 PACKED_RESERVE = 1.25
-# Tokens per micro-batch from which a step is bound by the GPU rather than by launching kernels. Measured on an
-# H100, 8B shape, no checkpointing (benchmarks/README.md, "Where fast mode's time goes"): 2,000 tokens took 0.29 s
-# of GPU kernels inside 0.49 s of wall time spent launching ~3,900 kernels; at twice the tokens the GPU's share
-# is the larger one, so from there two micro-batches without recomputation beat one with it.
-GPU_BOUND_TOKENS = 4096
+# Packed tokens per micro-batch from which half the micro-batch without checkpointing is taken over the full one
+# with it. Measured on an H100, 8B shape (benchmarks/README.md, run G): 4 x 2048 packed tokens without
+# checkpointing ran at 1.47x the tokens/s of 8 x 2048 with it. Smaller micro-batches are bound by kernel launches
+# (2,000 tokens: the GPU busy 59% of the step), where halving the micro-batch is not measured to pay, so there
+# the larger micro-batch keeps precedence.
+GPU_BOUND_TOKENS = 8192
 
 
 def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, target_modules, optim: str,
@@ -35,8 +33,8 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     total when `world` > 1, so that every rank makes the same plan); `packed`: rows are packed to seq_len.
 
     For each setting of gradient checkpointing (off, and on when the user allowed it), the largest micro-batch
-    that fits; off wins where its micro-batch is as large, or half as large and big enough to keep the GPU busy
-    (worth_dropping). Dropping checkpointing removes the recomputed forward pass and the activation copies to
+    that fits; off wins where its micro-batch is as large, or at least half as large and, packed, big enough to
+    keep the GPU busy (worth_dropping). Dropping checkpointing removes the recomputed forward pass and the activation copies to
     the CPU; the gradients are the same."""
     effective = per_device * accum
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
@@ -54,6 +52,10 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
         # (DDP syncs once per micro-batch), and free memory can differ between ranks: use the card's total.
         free, total = torch.cuda.mem_get_info()
         capacity = (total if world > 1 else free + torch.cuda.memory_reserved()) / estimate.GIB
+        # A cap set with torch.cuda.set_per_process_memory_fraction (a shared GPU, or benchmarks/bench_train.py
+        # --memory_cap_gb pretending to be a T4) is invisible to mem_get_info but binds the allocator.
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda: 1.0)()
+        capacity = min(capacity, fraction * total / estimate.GIB)
     try:
         cfg, _ = estimate.load_config(model_name)
     except UserError:
@@ -73,22 +75,25 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     if not fits:
         return {**keep, "reason": "even a micro-batch of 1 is estimated not to fit; kept as given"}
     ckpt = min(fits)  # False (no checkpointing) where it fits at all...
-    if ckpt is False and True in fits and not worth_dropping(fits[False][0], fits[True][0], seq_len):
+    if ckpt is False and True in fits and not worth_dropping(fits[False][0], fits[True][0], seq_len, packed):
         ckpt = True  # ...unless that needs a much smaller micro-batch than checkpointing allows
     micro, need = fits[ckpt]
     how = "with" if ckpt else "without"
     rows = "packed to max_seq_length" if packed else "the longest row"
+    other = fits.get(not ckpt)
+    versus = "" if other is None else f"; {'without' if ckpt else 'with'} it the largest is {other[0]}"
     return {"per_device_train_batch_size": micro, "gradient_accumulation_steps": effective // micro,
             "gradient_checkpointing": ckpt, "estimate_gib": round(need, 2),
             "reason": f"largest micro-batch whose worst-case estimate {how} gradient checkpointing "
                       f"({need:.1f} GiB at {seq_len} tokens/row, {rows}) is within "
-                      f"{int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use"}
+                      f"{int(BUDGET * 100)}% of the {capacity:.1f} GiB this process can use{versus}"}
 
 
-def worth_dropping(micro_free: int, micro_ckpt: int, seq_len: int) -> bool:
-    """Is micro-batch `micro_free` without checkpointing faster than `micro_ckpt` (larger) with it?
+def worth_dropping(micro_free: int, micro_ckpt: int, seq_len: int, packed: bool) -> bool:
+    """Is micro-batch `micro_free` without checkpointing faster than `micro_ckpt` with it?
     Checkpointing recomputes the forward pass: about a third more GPU work. A smaller micro-batch costs another
-    round of kernel launches per optimizer step, which matters only while launches, not the GPU, set the pace."""
+    round of kernel launches per optimizer step, which matters only while launches, not the GPU, set the pace.
+    Only packed rows are known to hold seq_len tokens each; unpacked, seq_len is the longest row, not the size."""
     if micro_free >= micro_ckpt:
         return True
-    return 2 * micro_free >= micro_ckpt and micro_free * seq_len >= GPU_BOUND_TOKENS
+    return packed and 2 * micro_free >= micro_ckpt and micro_free * seq_len >= GPU_BOUND_TOKENS
