@@ -179,7 +179,7 @@ def _this_gpu():
 
 def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int = 2048,
              per_device_train_batch_size: int = 2, r: int = 16, gpu: str | float = "",
-             target_modules: str = ",".join(est.MODULES), gradient_checkpointing: bool = True,
+             target_modules: str = ",".join(est.MODULES), use_gradient_checkpointing: bool = True,
              optim: str = "adamw_8bit") -> dict:
     """Predict peak GPU memory of QLoRA training from the model config alone, and say whether it fits.
 
@@ -191,21 +191,21 @@ def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int 
       r: LoRA rank.
       gpu: t4 | l4 | a100-40 | a100-80 | h100, or its memory as a number of GB; default: this GPU, else t4.
       target_modules: comma-separated linear layers that get LoRA.
-      gradient_checkpointing: Unsloth's offloaded gradient checkpointing (the training default).
+      use_gradient_checkpointing: Unsloth's offloaded gradient checkpointing (as train_unsloth.py's flag).
       optim: optimizer, for the size of its states (adamw_8bit, adamw_torch, ...).
     """
     cfg, source = est.load_config(str(model_name))
     here = _this_gpu() if gpu in ("", None) else None
     card = here if here else ("t4" if gpu in ("", None) else gpu)
     res = est.estimate(cfg, max_seq_length, per_device_train_batch_size, r, target_modules,
-                       gradient_checkpointing, optim, card)
+                       use_gradient_checkpointing, optim, card)
     if here:
         label = f"this GPU ({card} GB)"
     elif str(card).strip().lower() in est.GPUS:
         label = f"{card} ({res['gpu_gib']} GB visible to torch)"
     else:
         label = f"a {res['gpu_gib']} GB GPU"
-    gc = "offloaded gradient checkpointing" if gradient_checkpointing else "NO gradient checkpointing"
+    gc = "offloaded gradient checkpointing" if use_gradient_checkpointing else "NO gradient checkpointing"
     parts = [
         ("4-bit base weights", res["base_4bit_gib"],
          f"{res['quantized_params'] / 1e9:.2f}B decoder linear params x {est.NF4_BYTES_PER_PARAM:.4f} B (NF4)"),

@@ -147,7 +147,14 @@ def train(
     data.split_eval(checked, val_size, seed)  # --val_size too large for the data is also known now
 
     # 4. Model, tokenizer and LoRA.
-    model, tokenizer, notes = load_model(model_name, max_seq_length, choice, load_in_4bit)
+    try:
+        model, tokenizer, notes = load_model(model_name, max_seq_length, choice, load_in_4bit)
+    except RuntimeError as err:  # torch.OutOfMemoryError is one; nothing has been written yet
+        if "out of memory" not in str(err).lower():
+            raise
+        raise UserError(f"out of GPU memory while loading {model_name} ({err}). Load it in 4-bit (--load_in_4bit "
+                        "True), pick a smaller model, or free the GPU (`python memory_report.py` shows what is "
+                        "in use).") from err
     if template.kind == "chat":
         tokenizer.chat_template = template.text
     rows, data_info = data.prepare(raw, template, tokenizer.eos_token, data_format, columns, max_samples,
@@ -210,6 +217,15 @@ def train(
         visible, config._n_gpu = config.n_gpu, 1
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
+    try:  # TRL tokenizes here and checks the rows against the template (a chat template's generation tags)
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
+                             eval_dataset=eval_rows, args=config,
+                             callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
+                                        interrupt_callback()])
+    except ValueError as err:
+        raise UserError(f"the trainer refused the data or the template: {err} Nothing in {output_dir} was "
+                        "changed. For a chat template without {% generation %} tags, pass --train_on_inputs "
+                        "or add the tags around the assistant turns.") from err
     if main_rank and ckpt is None:
         run.clear(output_dir)  # only now does --overwrite delete the old run: everything above has loaded
     record = {"status": "running", "args": args, "backend": choice.as_dict(),
@@ -224,10 +240,6 @@ def train(
 
     # 6. Train. An interrupt saves a checkpoint (interrupt.py); out of memory says what to change.
     try:
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
-                             eval_dataset=eval_rows, args=config,
-                             callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
-                                        interrupt_callback()])
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except BaseException as err:  # KeyboardInterrupt too (a second Ctrl-C): the record must not say "running"
         if main_rank:

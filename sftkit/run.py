@@ -108,27 +108,39 @@ def clear(output_dir: str):
     folder.mkdir(parents=True, exist_ok=True)
 
 
-# Arguments a resumed run may change; every other one must match the run being resumed.
-RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "resume",
-                     "overwrite", "save_merged", "save_gguf", "push_to_hub", "output_dir", "cudnn_attention"}
+# Arguments a resumed run may change; every other one must match the run being resumed. Left at their defaults,
+# they too take the recorded values (a plain `--resume` must not fall back to the default 60 steps).
+RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",
+                     "save_gguf", "push_to_hub", "cudnn_attention"}
+# What this invocation is asked to do, never taken from the record.
+PER_INVOCATION = {"resume", "overwrite", "output_dir"}
+
+
+def _comparable(value):
+    """Recorded lists and CLI text for the same list compare equal: 'q_proj,v_proj' == ['q_proj', 'v_proj']."""
+    if isinstance(value, str) and "," in value:
+        return [x.strip() for x in value.split(",") if x.strip()]
+    return list(value) if isinstance(value, tuple) else value
 
 
 def resume_args(output_dir: str, given: dict, defaults: dict) -> dict:
     """The recorded arguments of the run to resume, with the few allowed changes from `given`.
 
     An argument left at its default takes the recorded value, so `--resume --output_dir X` alone continues
-    X exactly; one set explicitly to something else is a conflict, reported with both values."""
+    X exactly; one set explicitly to something else is a conflict (reported with both values) unless it is one
+    of RESUMABLE_CHANGES."""
     rec = status_of(Path(output_dir))
     if not rec or "args" not in rec:
         return given
     recorded = dict(rec["args"])
     out = dict(given)
     for key, value in recorded.items():
-        if key not in given or key in RESUMABLE_CHANGES:
+        if key not in given or key in PER_INVOCATION:
             continue
-        if given[key] == defaults.get(key) or given[key] == value:
+        now = _comparable(given[key])
+        if now == _comparable(defaults.get(key)) or now == _comparable(value):
             out[key] = value
-        else:
+        elif key not in RESUMABLE_CHANGES:
             raise UserError(f"--resume: --{key} {given[key]!r} differs from the run being resumed ({value!r}). "
                             f"Drop --{key} to continue that run, or start a new one in another --output_dir.")
     return out

@@ -183,6 +183,15 @@ def test_cli_no_command_shows_the_device_and_errors_exit_2():
     bad = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate", "--gpu", "v100"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "unknown --gpu 'v100'" in bad.stderr and not bad.stdout
+    # A number that is not one: named, with what was typed, instead of a TypeError deep in the estimate.
+    word = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate", "--max_seq_length", "abc"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert word.returncode == 2 and "--max_seq_length expects a whole number, got 'abc'" in word.stderr
+    # The checkpointing flag is spelled as in train_unsloth.py, so it can be copied across.
+    off = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate",
+                          "--use_gradient_checkpointing", "False"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert off.returncode == 0 and "NO gradient checkpointing" in off.stdout, off.stderr
 
 
 def test_estimate_is_within_15_percent_of_the_measured_gpu_runs():

@@ -34,7 +34,6 @@ def test_run_json_explains_the_run(tiny_run):
         assert mem[key] is not None, key
     assert mem["memory_kind"].startswith("process RSS")
     assert rec["model_path"] == TINY and rec["data"]["rows_used"] == 16
-    assert "HF_TOKEN" not in json.dumps(rec)
 
 
 def test_adapter_reloads_and_changes_the_model(tiny_run):
@@ -164,17 +163,49 @@ def test_overwrite_deletes_nothing_until_everything_has_loaded(tmp_path, tiny_ru
     assert (other / "notes.txt").read_text() == "not a run"
 
 
+def test_overwrite_keeps_the_old_run_when_the_trainer_refuses_the_template(tmp_path):
+    """TRL checks a chat template's generation tags when the trainer is built: that must happen before
+    --overwrite deletes anything, and the error must say what to do."""
+    out = train(**quick_args(tmp_path, max_steps=2))
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}] * 8
+    template = tmp_path / "plain.jinja"  # ChatML without {% generation %} tags
+    template.write_text("{#- stop: <|im_end|> -#}\n{%- for m in messages -%}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+                        "'<|im_end|>\\n' }}{%- endfor -%}")
+    with pytest.raises(UserError, match="generation.*--train_on_inputs"):
+        train(**quick_args(tmp_path, dataset=write_jsonl(tmp_path / "c.jsonl", chat), prompt=str(template),
+                           overwrite=True, max_steps=2))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["status"] == "finished" and (Path(out) / "adapter_model.safetensors").is_file()
+
+
 def test_resume_takes_the_recorded_arguments_and_refuses_a_finished_run(tmp_path):
-    out = train(**quick_args(tmp_path, max_steps=4, save_steps=2, learning_rate=5e-3, max_samples=24))
+    out = train(**quick_args(tmp_path, max_steps=4, save_steps=2, learning_rate=5e-3, max_samples=24,
+                             target_modules="q_proj,v_proj"))
     with pytest.raises(UserError, match="already finished at step 4"):
         train(output_dir=out, resume=True, max_steps=4)
+    with pytest.raises(UserError, match="already finished at step 4"):
+        train(output_dir=out, resume=True)  # no --max_steps: the recorded 4, not the signature's 60
     with pytest.raises(UserError, match="--learning_rate 0.1 differs"):
         train(output_dir=out, resume=True, max_steps=6, learning_rate=0.1)
-    train(output_dir=out, resume=True, max_steps=6)  # everything else from run.json: tiny model, local data
+    # Everything else from run.json (tiny model, local data); the modules typed again as text are no conflict.
+    train(output_dir=out, resume=True, max_steps=6, target_modules="q_proj,v_proj")
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["args"]["model_name"] == TINY and rec["args"]["learning_rate"] == 5e-3
+    assert rec["args"]["target_modules"] == ["q_proj", "v_proj"]
     assert rec["args"]["max_samples"] == 24 and rec["metrics"]["global_step"] == 6
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_out_of_memory_while_loading_says_what_to_change(tmp_path, monkeypatch):
+    import train_unsloth
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_unsloth, "load_model", oom)
+    with pytest.raises(UserError, match="out of GPU memory while loading.*--load_in_4bit"):
+        train(**quick_args(tmp_path))
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing recorded as started
 
 
 def test_bad_data_is_caught_before_the_model_loads(tmp_path, monkeypatch):
