@@ -15,7 +15,7 @@ import sys
 
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
-from sftkit.generate import open_generator, run_batch
+from sftkit.generate import COMPARE_NEEDS_ADAPTER, open_generator, read_prompts, run_batch
 
 log = logging.getLogger("sftkit")
 
@@ -55,7 +55,7 @@ def infer(
       input_file: JSONL with 'instruction' (and 'input') per line: batch mode.
       output_file: where batch mode appends answers; a rerun skips rows already answered.
       batch_size: prompts per generate call in batch mode.
-      compare_base: also answer with the adapter disabled, and show both.
+      compare_base: also answer with the adapter disabled, and show both (needs --adapter).
       max_new_tokens: most tokens to generate per answer.
       do_sample: sample instead of greedy decoding.
       temperature: sampling temperature (with --do_sample).
@@ -72,6 +72,9 @@ def infer(
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
     if input_file and not output_file:
         raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
+    if compare_base and not adapter:
+        raise UserError(COMPARE_NEEDS_ADAPTER)
+    rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
     from transformers import set_seed
 
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
@@ -80,7 +83,7 @@ def infer(
     g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, **gen)
     set_seed(seed)
     if input_file:
-        n = run_batch(g, input_file, output_file, batch_size, compare_base)
+        n = run_batch(g, input_file, output_file, batch_size, compare_base, rows=rows)
         print(f"answered {n} prompts -> {output_file}")
     elif chat:
         chat_loop(g, compare_base)

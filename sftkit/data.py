@@ -1,8 +1,9 @@
 """Data: a Hub id or a local file -> rows -> detected format -> mapped columns -> validated -> training text.
 
-Formats: `alpaca` (instruction / input / output), `chat` (`messages` with role/content, or ShareGPT
-`conversations` with from/value) and `text` (a raw `text` column). The result is in one of the layouts
-TRL's SFTTrainer reads natively: prompt/completion (so the loss can skip the prompt), messages, or text.
+Formats: `alpaca` (instruction / input / output), `chat` (`messages` or ShareGPT `conversations`, whose
+turns may be role/content or from/value in either column) and `text` (a raw `text` column of strings). The
+result is in one of the layouts TRL's SFTTrainer reads natively: prompt/completion (so the loss can skip the
+prompt), messages, or text.
 """
 
 import logging
@@ -49,10 +50,19 @@ def load_dataset_any(dataset: str, split: str = "train"):
         if not files or None in kinds or len(kinds) > 1:
             raise UserError(f"--dataset {dataset!r}: expected a .jsonl, .json, .csv or .parquet file, or a folder "
                             f"of files of one such kind; found {[p.name for p in files] or 'nothing usable'}.")
+        blank = [p.name for p in files if is_blank(p)]
+        if blank:  # checked first: the loaders fail on these with an empty or misleading message
+            raise UserError(no_rows(dataset, blank if path.is_dir() else None))
         try:
-            return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         except Exception as err:
-            raise UserError(f"--dataset {dataset!r} could not be read: {err}") from err
+            if "corresponds to no data" in str(err):  # e.g. a .json holding [] or a .csv with only a header
+                raise UserError(no_rows(dataset)) from err
+            raise UserError(f"--dataset {dataset!r} could not be read: {type(err).__name__}: {err}. Check that "
+                            "it is valid .jsonl (one JSON object per line), .json, .csv or .parquet.") from err
+        if len(ds) == 0:
+            raise UserError(no_rows(dataset))
+        return ds
     if dataset.startswith((".", "/", "~")) or path.suffix in LOCAL_FORMATS:
         raise UserError(f"--dataset {dataset!r} does not exist. Check the path (relative to the current folder), "
                         "or pass a Hub id such as jojo0217/korean_safe_conversation.")
@@ -62,6 +72,22 @@ def load_dataset_any(dataset: str, split: str = "train"):
         raise UserError(f"could not load data set {dataset!r} (split {split!r}) from the Hugging Face Hub: "
                         f"{type(err).__name__}: {err}. Check the id and --dataset_split, log in with HF_TOKEN for "
                         "a gated set, or pass a local .jsonl/.json/.csv/.parquet file.") from err
+
+
+def is_blank(path: Path) -> bool:
+    """True for a file holding nothing but whitespace; reads only until the first other byte."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 16):
+            if chunk.strip():
+                return False
+    return True
+
+
+def no_rows(dataset: str, empty_files=None) -> str:
+    where = f"its files {empty_files} are empty" if empty_files else "it has no rows"
+    return (f"--dataset {dataset!r}: {where}. Add training rows (for .jsonl, one JSON object per line such as "
+            '{"instruction": "...", "input": "", "output": "..."}), remove empty files from the folder, '
+            "or point --dataset at the file that holds your data.")
 
 
 def detect_format(column_names, requested: str = "auto") -> str:
@@ -94,17 +120,30 @@ def apply_mapping(ds, mapping: dict):
     return ds.rename_columns(renames) if renames else ds
 
 
-def to_messages(row: dict) -> list:
-    """`messages` as is, or ShareGPT `conversations` (from/value) normalised to role/content."""
-    if row.get("messages"):
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    out = []
-    for turn in row.get("conversations") or []:
-        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower())
+def to_messages(row: dict, index: int = 0) -> list:
+    """`messages` or ShareGPT `conversations`, normalised to role/content turns. Either column may hold
+    either style of turn: data sets mix the names up, and the turns mean the same thing."""
+    column = "messages" if row.get("messages") else "conversations"
+    turns = row.get(column) or []
+    if not isinstance(turns, list):
+        raise UserError(f"row {index}: column {column!r} holds a {type(turns).__name__}, not a list of turns. "
+                        'Each row needs a list like [{"role": "user", "content": "..."}, ...].')
+    return [to_turn(turn, column, index) for turn in turns]
+
+
+def to_turn(turn, column: str, index: int) -> dict:
+    # A column of mixed rows is unified by Arrow: absent keys read as None, so test values, not key presence.
+    if isinstance(turn, dict) and turn.get("role") is not None:
+        return {"role": turn["role"], "content": turn.get("content") or ""}
+    if isinstance(turn, dict) and turn.get("from") is not None:
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
         if role is None:
-            raise UserError(f"unknown ShareGPT speaker {turn.get('from')!r}; expected one of {sorted(SHAREGPT_ROLES)}.")
-        out.append({"role": role, "content": turn.get("value", "")})
-    return out
+            raise UserError(f"row {index}: unknown ShareGPT speaker {turn['from']!r} in column {column!r}; "
+                            f"expected one of {sorted(SHAREGPT_ROLES)}. Fix or drop that row.")
+        return {"role": role, "content": turn.get("value") or ""}
+    raise UserError(f"row {index}: a turn in column {column!r} is {turn!r}; each turn needs role/content "
+                    'keys ({"role": "user", "content": "..."}) or ShareGPT from/value keys '
+                    '({"from": "human", "value": "..."}).')
 
 
 def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", columns=None,
@@ -145,10 +184,11 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
         if train_on_inputs:  # the reference notebook's way: one text, loss on every token
             ds = ds.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
     elif fmt == "chat":
-        ds = ds.map(lambda r: {"messages": to_messages(r)}, remove_columns=ds.column_names)
+        ds = ds.map(lambda r, i: {"messages": to_messages(r, i)}, with_indices=True, remove_columns=ds.column_names)
         ds = ds.filter(lambda r: any(m["role"] == "assistant" and str(m["content"]).strip() for m in r["messages"]))
     else:
-        ds = ds.filter(lambda r: bool(str(r["text"] or "").strip()))
+        column = parse_columns(columns).get("text", "text")  # name the user's own column in the error
+        ds = ds.filter(lambda r, i: bool(text_of(r["text"], column, i).strip()), with_indices=True)
         ds = ds.map(lambda r: {"text": r["text"] if r["text"].endswith(eos_token) else r["text"] + eos_token},
                     remove_columns=ds.column_names)
     kept = len(ds)
@@ -160,6 +200,17 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
         raise UserError(f"no usable rows: all {considered} rows had an empty answer or were filtered out. "
                         "Check the column mapping (--columns) and --max_samples.")
     return ds, {"format": fmt, "rows_in": rows_in, "rows_used": kept, "rows_dropped": dropped}
+
+
+def text_of(value, column: str, index: int) -> str:
+    """A `text` value, checked: a number or list there means the wrong column was picked."""
+    if value is None:
+        return ""  # empty, dropped and counted like an empty answer
+    if not isinstance(value, str):
+        raise UserError(f"column {column!r} row {index} holds a {type(value).__name__} ({str(value)[:40]!r}), "
+                        "not text. The text format needs a string per row: fix the data, or map the right column "
+                        "with --columns 'text=COLUMN'.")
+    return value
 
 
 def split_eval(ds, val_size, seed: int):

@@ -15,6 +15,8 @@ from .errors import UserError
 
 log = logging.getLogger("sftkit")
 ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
+COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
+                         "written by train_unsloth.py). With only --model_name there is no adapter to switch off.")
 
 
 class Generator:
@@ -50,8 +52,11 @@ class Generator:
         import torch
 
         self.tok.padding_side = "left"  # decoder-only models continue from the right edge
+        if base and not (self.adapter and hasattr(self.model, "disable_adapter")):
+            # Without an adapter "adapter off" is the same model: refuse rather than show one answer twice.
+            raise UserError(COMPARE_NEEDS_ADAPTER)
         enc = self.tok.pad({"input_ids": batch_ids}, return_tensors="pt").to(self.device)
-        ctx = self.model.disable_adapter() if base and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        ctx = self.model.disable_adapter() if base else contextlib.nullcontext()
         with ctx, torch.inference_mode():
             out = self.model.generate(**enc, streamer=streamer, **self.gen)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -91,7 +96,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                             "Resume it with train_unsloth.py --resume --output_dir " + adapter)
         args = record["args"]
         model_name = model_name or record.get("model_path") or args["model_name"]
-        template = prompts.from_text(record["template"], record["template_text"], record["template_kind"] == "chat")
+        template = prompts.from_text(record["template"], record["template_text"], record["template_kind"] == "chat",
+                                     source=str(Path(adapter) / run.RECORD))
         max_seq_length = max_seq_length or args["max_seq_length"]
         if prompt != "alpaca_ko" and prompt != record["template"]:
             log.info("--prompt %s ignored: the run was trained with template %s, which is used", prompt,
@@ -112,24 +118,41 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     return Generator(model, tokenizer, template, choice, gen, adapter)
 
 
-def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False):
-    """Answers every row of a JSONL file in batches, appending each batch as soon as it is done.
-
-    A rerun skips the rows already in output_file, so an interrupted batch loses nothing and repeats nothing.
-    """
-    from tqdm.auto import tqdm
-
+def read_prompts(input_file: str) -> list:
+    """The rows of a JSONL prompt file, each checked here so that a bad line is named by its number (and is
+    found before the model loads, when infer.py calls this first)."""
     src = Path(input_file)
     if not src.is_file():
         raise UserError(f"--input_file {input_file!r} does not exist. It should be JSONL with an 'instruction' "
                         "(and optional 'input') per line.")
+    need = 'each line needs a JSON object like {"instruction": "your question", "input": ""} ("input" optional)'
     rows = []
     for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise UserError(f"{input_file} line {n} is not valid JSON ({err}); fix or remove that line.") from err
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{input_file} line {n} is not valid JSON ({err}); fix or remove that line.") from err
+        if not isinstance(row, dict):
+            raise UserError(f"{input_file} line {n} is a JSON {type(row).__name__}, not an object: {need}.")
+        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
+                            f"{need}.")
+        rows.append(row)
+    return rows
+
+
+def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False,
+              rows=None):
+    """Answers every row of a JSONL file in batches, appending each batch as soon as it is done.
+
+    A rerun skips the rows already in output_file, so an interrupted batch loses nothing and repeats nothing.
+    rows: the file's rows when the caller already read them with read_prompts.
+    """
+    from tqdm.auto import tqdm
+
+    rows = read_prompts(input_file) if rows is None else rows
     dst = Path(output_file)
     done, kept = set(), []
     if dst.is_file():

@@ -29,8 +29,18 @@ class Template:
         """The `{field}` slots of an instruction template."""
         names = set()
         for key in ("prompt_input", "prompt_no_input"):
-            names |= {f for _, f, _, _ in string.Formatter().parse(self.data.get(key, "")) if f}
+            names |= {f for f in slots(self.data.get(key, "")) if f}
         return names
+
+
+def slots(fmt: str) -> list:
+    """The field names of a format string, "" for a bare `{}`. Raises ValueError on a stray brace."""
+    return [f for _, f, _, _ in string.Formatter().parse(fmt) if f is not None]
+
+
+def positional(name: str) -> bool:
+    """`{}`, `{0}`, `{0.x}`, `{[1]}`: format_map only fills named slots, so these fail when rendering."""
+    return re.match(r"\d*(?=[.\[]|$)", name) is not None
 
 
 def available() -> list[str]:
@@ -47,31 +57,37 @@ def load(name: str) -> Template:
             raise UserError(f"prompt template {name!r} not found. Available in {PROMPTS_DIR}: "
                             f"{', '.join(available())}; or pass a path to a .json or .jinja file.")
         path = matches[0]
-    return from_text(path.stem, path.read_text(encoding="utf-8"), chat=path.suffix == ".jinja")
+    return from_text(path.stem, path.read_text(encoding="utf-8"), chat=path.suffix == ".jinja", source=str(path))
 
 
-def from_text(name: str, text: str, chat: bool) -> Template:
-    """Rebuilds a template from its text (as saved in run.json)."""
+def from_text(name: str, text: str, chat: bool, source: str = "") -> Template:
+    """Rebuilds a template from its text (as saved in run.json). source: the file it came from, for errors."""
+    where = f"{'chat' if chat else 'prompt'} template {name!r}" + (f" ({source})" if source else "")
     if chat:
         m = re.match(r"\{#-?\s*stop:\s*(\S+)\s*-?#\}", text)
         if not m:
-            raise UserError(f"chat template {name!r} must start with a line like '{{#- stop: <|eot_id|> -#}}' "
+            raise UserError(f"{where} must start with a line like '{{#- stop: <|eot_id|> -#}}' "
                             "naming the text that ends an assistant turn.")
         return Template(name, "chat", text, stop=m.group(1))
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UserError(f"prompt template {name!r} is not valid JSON: {err}") from err
+        raise UserError(f"{where} is not valid JSON: {err}") from err
     missing = {"prompt_input", "prompt_no_input"} - set(data)
     if missing:
-        raise UserError(f"prompt template {name!r} lacks {sorted(missing)}; see prompts/README.md for the keys.")
-    t = Template(name, "instruction", text, data=data)
-    try:
-        t.fields  # noqa: B018 - parsing raises on a stray brace
-    except ValueError as err:
-        raise UserError(f"prompt template {name!r} has a malformed slot ({err}). Write a literal brace as "
-                        "{{ or }}.") from err
-    return t
+        raise UserError(f"{where} lacks {sorted(missing)}; see prompts/README.md for the keys.")
+    for key in ("prompt_input", "prompt_no_input"):
+        if not isinstance(data[key], str):
+            raise UserError(f"{where}: {key} must be a string with {{field}} slots, not {data[key]!r}.")
+        try:
+            bad = [f for f in slots(data[key]) if positional(f)]
+        except ValueError as err:  # a stray brace
+            raise UserError(f"{where} has a malformed slot in {key} ({err}). Write a literal brace as "
+                            "{{ or }}.") from err
+        if bad:  # caught here, at load time, rather than as a ValueError at the first rendered row
+            raise UserError(f"{where} has a positional slot {{{bad[0]}}} in {key}; slots must name a data-set "
+                            "column, e.g. {instruction} or {input}. Write a literal brace as {{ or }}.")
+    return Template(name, "instruction", text, data=data)
 
 
 def render(t: Template, row: dict) -> str:

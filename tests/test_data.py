@@ -90,3 +90,28 @@ def test_eval_split_by_fraction_and_count():
     assert (len(tr), len(ev)) == (15, 5)
     with pytest.raises(UserError, match="no training rows"):
         data.split_eval(ds, 20, 0)
+
+
+def test_empty_files_say_they_have_no_rows(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    (tmp_path / "header.csv").write_text("instruction,output\n")
+    (tmp_path / "list.json").write_text("[]")
+    for name in ("empty.jsonl", "blank.jsonl", "header.csv", "list.json"):
+        with pytest.raises(UserError, match=r"has no rows\. Add training rows") as err:
+            data.load_dataset_any(str(tmp_path / name))
+        assert name in str(err.value)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"instruction": "a", "output": "b"}])
+    (folder / "b.jsonl").write_text("")
+    with pytest.raises(UserError, match=r"\['b.jsonl'\] are empty.*remove empty files"):
+        data.load_dataset_any(str(folder))
+
+
+def test_non_text_in_the_text_column_names_column_and_row():
+    ds = Dataset.from_list([{"text": None}, {"text": 7}])  # None is empty (dropped); 7 is the wrong column
+    with pytest.raises(UserError, match=r"column 'text' row 1 holds a int.*--columns 'text=COLUMN'"):
+        data.prepare(ds, KO, EOS, data_format="text")
+    with pytest.raises(UserError, match=r"column 'id' row 0 holds a int"):  # the user's column, not ours
+        data.prepare(Dataset.from_list([{"id": 3}]), KO, EOS, columns="text=id")

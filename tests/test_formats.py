@@ -104,3 +104,19 @@ def test_val_size_logs_eval_loss_and_packing_trains(tmp_path):
     assert json.loads((Path(packed) / "run.json").read_text())["metrics"]["global_step"] == 2
     # ~80-token rows packed into 2048-token sequences: each step sees many more tokens than 8 single rows.
     assert metrics(packed)[0]["tokens_seen"] > 5 * metrics(plain)[0]["tokens_seen"]
+
+
+def test_sharegpt_turns_in_a_messages_column_are_converted_too(tmp_path):
+    # Arrow unifies mixed rows, so the role/content row also carries from/value keys (as None) and vice versa.
+    path = write_jsonl(tmp_path / "mixed.jsonl", [
+        {"messages": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                      {"from": "gpt", "value": "yo"}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
+    rows, info = data.prepare(data.load_dataset_any(path), prompts.load("chatml"), "</s>")
+    assert info["rows_used"] == 2
+    assert rows[0]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                   {"role": "assistant", "content": "yo"}]
+    assert rows[1]["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    odd = Dataset.from_list([{"messages": [{"speaker": "u", "text": "hi"}]}])
+    with pytest.raises(UserError, match="row 0: a turn in column 'messages'.*role/content.*from/value"):
+        data.prepare(odd, prompts.load("chatml"), "</s>")

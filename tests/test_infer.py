@@ -65,21 +65,31 @@ def test_batch_resumes_without_duplicates(gen, tmp_path):
         run_batch(gen, str(bad), str(tmp_path / "o.jsonl"))
 
 
-def test_compare_base_prints_both(memorized):
+def test_compare_base_prints_both(memorized, gen):
     out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--instruction",
-                          ROWS[0]["instruction"], "--compare_base", "--max_new_tokens", "16"],
+                          ROWS[0]["instruction"], "--compare_base", "--max_new_tokens", "48"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "=== base model (adapter off) ===" in out.stdout and "=== fine-tuned (adapter on) ===" in out.stdout
-    assert "backend=hf" in out.stderr
+    nothing, base_part = out.stdout.split("=== base model (adapter off) ===\n", 1)
+    base_part, tuned_part = base_part.split("=== fine-tuned (adapter on) ===\n", 1)
+    assert "backend=hf" in out.stderr and not nothing.strip()
+    # "Adapter off" must really be the bare base model: the same greedy answer as the base loaded without the
+    # adapter at all, and not the memorized answer the adapter gives.
+    bare = open_generator(model_name=TINY, prompt="alpaca_ko", max_new_tokens=48).answer(ROWS[0]["instruction"])
+    tuned = gen.answer(ROWS[0]["instruction"])["answer"]
+    assert bare["answer"] != tuned
+    assert base_part.strip() == bare["answer"] and tuned_part.strip() == tuned
 
 
-def test_chat_mode_reads_lines_until_eof(memorized):
+def test_chat_mode_reads_lines_until_eof(memorized, gen):
     out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--chat",
-                          "--max_new_tokens", "12"], input=ROWS[0]["instruction"] + "\n\n" + ROWS[1]["instruction"] + "\n",
+                          "--max_new_tokens", "48"], input=ROWS[0]["instruction"] + "\n\n" + ROWS[1]["instruction"] + "\n",
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stderr.count(">>> ") == 4  # two prompts, one blank line skipped, then EOF at the last prompt
+    # One streamed answer per turn, in order (an instruction template: each line is answered on its own).
+    expected = [gen.answer(r["instruction"])["answer"] for r in ROWS[:2]]
+    assert all(expected) and out.stdout.split() == " ".join(expected).split()
 
 
 def test_clear_errors(tmp_path, gen):

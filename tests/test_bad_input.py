@@ -1,0 +1,59 @@
+"""Bad input caught early, with one clear line naming the problem and the fix (no model training needed)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY, write_jsonl
+from sftkit import prompts
+from sftkit.errors import UserError
+from sftkit.generate import open_generator, read_prompts
+
+
+@pytest.mark.parametrize("slot", ["{}", "{0}", "{0.x}"])
+def test_positional_template_slot_is_refused_at_load(tmp_path, slot):
+    path = tmp_path / "bare.json"
+    path.write_text(json.dumps({"prompt_input": "{instruction}\n{input}", "prompt_no_input": f"Q: {slot} A:"}))
+    with pytest.raises(UserError) as err:
+        prompts.load(str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "prompt_no_input" in msg and "{instruction}" in msg and "positional" in msg
+    ok = prompts.from_text("ok", '{"prompt_input": "{instruction}{{}}", "prompt_no_input": "{instruction}"}', False)
+    assert prompts.render(ok, {"instruction": "q", "input": "i"}) == "q{}"  # an escaped brace stays fine
+
+
+def test_batch_file_rows_are_checked_with_their_line_numbers(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": "a"}, {"instruction": "b", "input": "c"}])
+    assert [r["instruction"] for r in read_prompts(good)] == ["a", "b"]
+    cases = {'{"question": "a"}': r"line 3 has no non-empty text in 'instruction' \(keys: \['question'\]\)",
+             '{"instruction": "  "}': "line 3 has no non-empty text in 'instruction'",
+             '["a", "b"]': "line 3 is a JSON list, not an object",
+             '"just text"': "line 3 is a JSON str, not an object"}
+    for bad, expected in cases.items():
+        path = tmp_path / "q.jsonl"
+        path.write_text('{"instruction": "a"}\n\n' + bad + "\n", encoding="utf-8")  # the blank line still counts
+        with pytest.raises(UserError, match=expected) as err:
+            read_prompts(str(path))
+        assert str(path) in str(err.value) and '{"instruction": "your question"' in str(err.value)
+        assert "--instruction" not in str(err.value)  # not the one-prompt advice: this is batch mode
+
+
+def test_infer_checks_the_batch_file_before_loading_the_model(tmp_path):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model_name", str(tmp_path / "no-model"),
+                          "--input_file", str(bad), "--output_file", str(tmp_path / "a.jsonl")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "line 1 has no non-empty text in 'instruction'" in out.stderr, out.stderr[-2000:]
+
+
+def test_compare_base_without_an_adapter_is_refused(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model_name", TINY, "--instruction", "hi",
+                          "--compare_base"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--compare_base needs a fine-tuned run: pass --adapter" in out.stderr and "adapter off" not in out.stdout
+    g = open_generator(model_name=TINY, max_new_tokens=2)  # the library path refuses too, not just the CLI
+    with pytest.raises(UserError, match="--compare_base needs"):
+        g.answer("hi", base=True)
