@@ -55,7 +55,7 @@ def finished_record(folder) -> dict:
     return record
 
 
-def show(run_dir: str) -> str:
+def show(run_dir: str = "") -> str:
     """Print the notebook's six figures (time, peak memory, shares of the card) plus tokens/s, device and loss.
 
     Args:
@@ -82,8 +82,8 @@ def show(run_dir: str) -> str:
 def read_metrics(run_dir) -> list:
     """The per-step lines of RUN/metrics.jsonl, one per step (a resumed run keeps the later line of a step)."""
     path = Path(run_dir) / METRICS
-    if not Path(run_dir).is_dir():
-        run.read_record(run_dir)  # raises the clear "folder does not exist" error
+    if not str(run_dir or "").strip() or not Path(run_dir).is_dir():
+        run.read_record(run_dir)  # raises the clear "no folder given" or "folder does not exist" error
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no {METRICS}: the run logged no step yet, or the folder was not "
                         "written by train_unsloth.py. Train (or --resume) until at least one step is logged, "
@@ -104,7 +104,7 @@ def read_metrics(run_dir) -> list:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot(run_dir: str) -> str:
+def plot(run_dir: str = "") -> str:
     """Draw loss and memory per step from RUN/metrics.jsonl into RUN/report.png; prints and returns the path.
 
     Args:
@@ -145,7 +145,7 @@ def plot(run_dir: str) -> str:
     return str(out)
 
 
-def compare(*run_dirs) -> str:
+def compare(*run_dirs: str) -> str:
     """Print a markdown table of finished runs: backend, device, time, tokens/s, peak memory, final loss.
 
     Args:

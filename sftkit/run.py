@@ -37,6 +37,9 @@ def checkpoints(folder: Path) -> list[Path]:
 
 def read_record(folder) -> dict:
     """run.json of a run folder, with errors that say what to pass instead."""
+    if not str(folder or "").strip():  # Path("") would quietly mean the current folder
+        raise UserError("no run folder given. Pass the --output_dir of a training run, e.g. outputs/RUN "
+                        "(train_unsloth.py prints it at the end).")
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"run folder {str(folder)!r} does not exist. Pass the --output_dir of a training run "

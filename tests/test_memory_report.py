@@ -87,6 +87,9 @@ def test_errors_for_missing_or_incomplete_runs(tmp_path):
         mr.plot(str(tmp_path))
     with pytest.raises(UserError, match="does not exist"):
         mr.plot(str(tmp_path / "nope"))
+    for command in (mr.show, mr.plot):  # no folder at all: not silently the current one
+        with pytest.raises(UserError, match="no run folder given"):
+            command()
 
 
 def test_estimate_llama_31_8b_by_hand():
