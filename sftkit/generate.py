@@ -140,6 +140,8 @@ def read_prompts(input_file: str) -> list:
             raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
                             f"{need}.")
         rows.append(row)
+    if not rows:
+        raise UserError(f"--input_file {input_file!r} holds no prompts: {need}, one per line.")
     return rows
 
 

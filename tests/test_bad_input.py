@@ -38,6 +38,10 @@ def test_batch_file_rows_are_checked_with_their_line_numbers(tmp_path):
             read_prompts(str(path))
         assert str(path) in str(err.value) and '{"instruction": "your question"' in str(err.value)
         assert "--instruction" not in str(err.value)  # not the one-prompt advice: this is batch mode
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n", encoding="utf-8")
+    with pytest.raises(UserError, match="holds no prompts"):
+        read_prompts(str(blank))
 
 
 def test_infer_checks_the_batch_file_before_loading_the_model(tmp_path):
