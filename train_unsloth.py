@@ -10,7 +10,6 @@ model + LoRA -> data -> SFTTrainer -> train -> adapter + run.json + metrics.json
 """
 
 import importlib.util
-import inspect
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ log = logging.getLogger("sftkit")
 REPORT_TO = ("none", "tensorboard", "wandb")
 
 
+@run.resumable  # --resume: arguments not given take the values recorded in the run being resumed
 def train(
     model_name: str = "unsloth/Meta-Llama-3.1-8B",
     dataset: str = "jojo0217/korean_safe_conversation",
@@ -115,11 +115,6 @@ def train(
     """
     args = dict(locals())
     output_dir = args["output_dir"] = output_dir or run.default_name(model_name, dataset)
-    if resume:  # continue exactly the recorded run: arguments left at their defaults take the recorded values
-        defaults = {k: p.default for k, p in inspect.signature(train).parameters.items()}
-        resolved = run.resume_args(output_dir, args, defaults)
-        if resolved != args:
-            return train(**resolved)
     # Fire turns `--target_modules q_proj,v_proj` into a tuple; a Python caller may pass a string.
     modules = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
     args["target_modules"] = modules
@@ -152,9 +147,9 @@ def train(
     except RuntimeError as err:  # torch.OutOfMemoryError is one; nothing has been written yet
         if "out of memory" not in str(err).lower():
             raise
-        raise UserError(f"out of GPU memory while loading {model_name} ({err}). Load it in 4-bit (--load_in_4bit "
-                        "True), pick a smaller model, or free the GPU (`python memory_report.py` shows what is "
-                        "in use).") from err
+        raise UserError(f"out of GPU memory while loading {model_name} ({err}). Load it in 4-bit (the default; "
+                        "drop --load_in_4bit False), pick a smaller model, or free the GPU (`python memory_report.py` "
+                        "shows what is in use).") from err
     if template.kind == "chat":
         tokenizer.chat_template = template.text
     rows, data_info = data.prepare(raw, template, tokenizer.eos_token, data_format, columns, max_samples,
@@ -223,9 +218,10 @@ def train(
                              callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
                                         interrupt_callback()])
     except ValueError as err:
+        tags = (" For a chat template without {% generation %} tags, pass --train_on_inputs or add the tags "
+                "around the assistant turns." if "generation" in str(err) else "")
         raise UserError(f"the trainer refused the data or the template: {err} Nothing in {output_dir} was "
-                        "changed. For a chat template without {% generation %} tags, pass --train_on_inputs "
-                        "or add the tags around the assistant turns.") from err
+                        f"changed.{tags}") from err
     if main_rank and ckpt is None:
         run.clear(output_dir)  # only now does --overwrite delete the old run: everything above has loaded
     record = {"status": "running", "args": args, "backend": choice.as_dict(),

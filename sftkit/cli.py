@@ -1,9 +1,16 @@
 """Command-line glue shared by the scripts: Fire, log format, and clean exits on bad input."""
 
 import logging
+import math
 import sys
 
 from .errors import UserError
+
+# Names of the arguments typed on the command line, collected while run_cli runs (None outside it). Fire calls
+# a function with every argument, defaults filled in, so only its parse functions see what the user typed;
+# run.resumable needs that to tell "--max_steps 60" from no --max_steps at all.
+GIVEN = None
+TRUE, FALSE = {"true", "yes", "y", "on", "1"}, {"false", "no", "n", "off", "0"}
 
 
 def run_cli(fn):
@@ -11,6 +18,8 @@ def run_cli(fn):
     clear line on stderr and exit status 2."""
     import fire
 
+    global GIVEN
+    GIVEN = set()
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
         fire.Fire({name: typed(f) for name, f in fn.items()} if isinstance(fn, dict) else typed(fn))
@@ -20,25 +29,49 @@ def run_cli(fn):
 
 
 def typed(fn):
-    """Fire reads "hi, there" as a tuple and "2024" as an int; a parameter typed str gets the text as typed,
-    and one typed int or float is converted here, so `--r abc` is a clear error, not a crash deep inside."""
+    """Parse functions for every named argument of `fn`: they note that it was typed (GIVEN) and read it by its
+    annotation, where Fire's own reading surprises: "hi, there" would be a tuple and "2024" an int for a str
+    argument, `--packing false` the truthy text 'false', and `--r abc` a crash deep inside."""
     import inspect
 
     from fire.decorators import SetParseFns
 
     if not inspect.isfunction(fn):
         return fn
-    params = inspect.signature(fn).parameters.items()
-    return SetParseFns(**{name: str if p.annotation is str else number(name, p.annotation)
-                          for name, p in params if p.annotation in (str, int, float)})(fn)
+    named = [(n, p.annotation) for n, p in inspect.signature(fn).parameters.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return SetParseFns(**{name: parser(name, kind) for name, kind in named})(fn)
 
 
-def number(name: str, kind: type):
-    """A Fire parse function for an int or float argument that fails with the argument's name and the fix."""
+def parser(name: str, kind):
     def parse(text):
-        try:
-            return kind(text)
-        except ValueError:
-            raise UserError(f"--{name} expects {'a whole number' if kind is int else 'a number'}, got {text!r}.") \
-                from None
+        if GIVEN is not None:
+            GIVEN.add(name)
+        if kind is str:
+            return text
+        if kind is bool:
+            return boolean(name, text)
+        if kind in (int, float):
+            return number(name, kind, text)
+        from fire.parser import DefaultParseValue
+
+        return DefaultParseValue(text)
     return parse
+
+
+def boolean(name: str, text) -> bool:
+    word = str(text).strip().lower()
+    if word in TRUE | FALSE:
+        return word in TRUE
+    raise UserError(f"--{name} is a switch: give True or False (or leave the value out for True), got {text!r}.")
+
+
+def number(name: str, kind: type, text):
+    """An int or float argument, or a UserError with the argument's name and what was typed."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or (kind is float and not math.isfinite(value)):
+        raise UserError(f"--{name} expects {'a whole number' if kind is int else 'a number'}, got {text!r}.")
+    return value

@@ -5,7 +5,9 @@ A run folder holds the LoRA adapter (adapter_model.safetensors + adapter_config.
 memory) and `metrics.jsonl` (one line per logging step). infer.py and memory_report.py read it back.
 """
 
+import functools
 import importlib.metadata
+import inspect
 import json
 import os
 import re
@@ -13,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from . import cli
 from .errors import UserError
 
 RECORD = "run.json"
@@ -111,42 +114,54 @@ def clear(output_dir: str):
     folder.mkdir(parents=True, exist_ok=True)
 
 
-# Arguments a resumed run may change; every other one must match the run being resumed. Left at their defaults,
-# they too take the recorded values (a plain `--resume` must not fall back to the default 60 steps).
+# Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway); every other one the
+# caller gives must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",
-                     "save_gguf", "push_to_hub", "cudnn_attention"}
+                     "save_gguf", "push_to_hub", "cudnn_attention", "fast"}
 # What this invocation is asked to do, never taken from the record.
 PER_INVOCATION = {"resume", "overwrite", "output_dir"}
 
 
-def _comparable(value):
-    """Recorded lists and CLI text for the same list compare equal: 'q_proj,v_proj' == ['q_proj', 'v_proj']."""
-    if isinstance(value, str) and "," in value:
-        return [x.strip() for x in value.split(",") if x.strip()]
-    return list(value) if isinstance(value, tuple) else value
+def resumable(fn):
+    """Wraps train(): with resume=True, every argument the caller did not give takes the value recorded in the
+    run's run.json, so `--resume --output_dir X` alone continues X exactly (its step count too). Which arguments
+    were given is known from the call itself (Fire passes only the flags typed), so `--max_steps 60` counts
+    even though 60 is the default."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = dict(sig.bind_partial(*args, **kwargs).arguments)
+        if cli.GIVEN is not None:  # from the command line: Fire filled in the defaults, keep what was typed
+            given = {k: v for k, v in given.items() if k in cli.GIVEN}
+        if given.get("resume"):
+            full = {name: p.default for name, p in sig.parameters.items()} | given
+            given["output_dir"] = full["output_dir"] or default_name(full["model_name"], full["dataset"])
+            given = resume_args(given["output_dir"], given, set(sig.parameters))
+        return fn(**given)
+
+    return wrapper
 
 
-def resume_args(output_dir: str, given: dict, defaults: dict) -> dict:
-    """The recorded arguments of the run to resume, with the few allowed changes from `given`.
+def _same(given, recorded) -> bool:
+    """CLI text and the recorded list name the same modules: 'q_proj' == ['q_proj'], (a, b) == [a, b]."""
+    if isinstance(recorded, list) and isinstance(given, str):
+        given = [x.strip() for x in given.split(",") if x.strip()]
+    return (list(given) if isinstance(given, tuple) else given) == recorded
 
-    An argument left at its default takes the recorded value, so `--resume --output_dir X` alone continues
-    X exactly; one set explicitly to something else is a conflict (reported with both values) unless it is one
-    of RESUMABLE_CHANGES."""
+
+def resume_args(output_dir: str, given: dict, known: set) -> dict:
+    """The recorded arguments of the run to resume (those `known` to train()), overridden by the `given` ones
+    that may change; any other given argument that differs from the record is refused with both values."""
     rec = status_of(Path(output_dir))
     if not rec or "args" not in rec:
-        return given
-    recorded = dict(rec["args"])
-    out = dict(given)
-    for key, value in recorded.items():
-        if key not in given or key in PER_INVOCATION:
-            continue
-        now = _comparable(given[key])
-        if now == _comparable(defaults.get(key)) or now == _comparable(value):
-            out[key] = value
-        elif key not in RESUMABLE_CHANGES:
-            raise UserError(f"--resume: --{key} {given[key]!r} differs from the run being resumed ({value!r}). "
+        return given  # nothing recorded: prepare() says what is missing
+    recorded = {k: v for k, v in rec["args"].items() if k in known and k not in PER_INVOCATION}
+    for key, value in given.items():
+        if key in recorded and key not in RESUMABLE_CHANGES | PER_INVOCATION and not _same(value, recorded[key]):
+            raise UserError(f"--resume: --{key} {value!r} differs from the run being resumed ({recorded[key]!r}). "
                             f"Drop --{key} to continue that run, or start a new one in another --output_dir.")
-    return out
+    return {**recorded, **given}
 
 
 def write_record(folder, record: dict):

@@ -33,7 +33,9 @@ def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
     assert (out / f"checkpoint-{stopped}").is_dir() and (out / "adapter_model.safetensors").is_file()
     assert "received" in stderr and "--resume" in stderr
 
-    done = subprocess.run(train_cmd(*args, "--resume"), capture_output=True, text=True, timeout=600)
+    # Only the folder and --resume typed: every other argument, the 150 steps included, comes from run.json.
+    done = subprocess.run(train_cmd("--output_dir", str(out), "--resume"), capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 150

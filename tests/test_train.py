@@ -208,6 +208,22 @@ def test_out_of_memory_while_loading_says_what_to_change(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "run.json").exists()  # nothing recorded as started
 
 
+def test_resume_keeps_what_was_given_even_at_its_default(tmp_path):
+    from sftkit import run
+
+    (tmp_path / "run.json").write_text(json.dumps({"status": "interrupted", "args": {
+        "max_steps": 200, "learning_rate": 5e-3, "target_modules": ["q_proj"], "dropped_long_ago": 1}}))
+    known = {"max_steps", "learning_rate", "target_modules", "resume", "output_dir"}
+    plain = run.resume_args(str(tmp_path), {"resume": True}, known)
+    assert plain["max_steps"] == 200 and plain["learning_rate"] == 5e-3 and "dropped_long_ago" not in plain
+    # 60 is train()'s default, but it was given: it counts (the step count may change on resume).
+    assert run.resume_args(str(tmp_path), {"resume": True, "max_steps": 60}, known)["max_steps"] == 60
+    # One module typed as text is the recorded one-element list, not a conflict.
+    assert run.resume_args(str(tmp_path), {"resume": True, "target_modules": "q_proj"}, known)
+    with pytest.raises(UserError, match="--learning_rate 0.0002 differs"):
+        run.resume_args(str(tmp_path), {"resume": True, "learning_rate": 2e-4}, known)
+
+
 def test_bad_data_is_caught_before_the_model_loads(tmp_path, monkeypatch):
     import train_unsloth
 
