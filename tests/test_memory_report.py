@@ -191,10 +191,15 @@ def test_cli_no_command_shows_the_device_and_errors_exit_2():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert word.returncode == 2 and "--max_seq_length expects a whole number, got 'abc'" in word.stderr
     # The checkpointing flag is spelled as in train_unsloth.py, so it can be copied across.
+    # Switches read words too ('false' is not truthy text), and refuse anything else.
     off = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate",
-                          "--use_gradient_checkpointing", "False"], capture_output=True, text=True, cwd=ROOT,
+                          "--use_gradient_checkpointing", "false"], capture_output=True, text=True, cwd=ROOT,
                          timeout=120)
     assert off.returncode == 0 and "NO gradient checkpointing" in off.stdout, off.stderr
+    odd = subprocess.run([sys.executable, str(ROOT / "memory_report.py"), "estimate",
+                          "--use_gradient_checkpointing", "maybe"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120)
+    assert odd.returncode == 2 and "--use_gradient_checkpointing is a switch" in odd.stderr, odd.stderr
 
 
 def test_estimate_is_within_15_percent_of_the_measured_gpu_runs():
