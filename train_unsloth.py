@@ -115,7 +115,7 @@ def train(
     """
     args = dict(locals())
     output_dir = args["output_dir"] = output_dir or run.default_name(model_name, dataset)
-    # Fire turns `--target_modules q_proj,v_proj` into a tuple; a Python caller may pass a string.
+    # Text from the command line (sftkit.cli keeps str arguments as typed); a Python caller may pass a list.
     modules = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
     args["target_modules"] = modules
     check_numbers(args)

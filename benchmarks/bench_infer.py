@@ -30,6 +30,8 @@ def decode_profile(model, enc, tokens: int, pad_token_id: int) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from shapes import profiler_counts
+
     gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
@@ -37,11 +39,7 @@ def decode_profile(model, enc, tokens: int, pad_token_id: int) -> dict:
         model.generate(**enc, **gen)
         torch.cuda.synchronize()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    events = prof.events()
-    gpu_us = sum(e.self_device_time_total for e in events if "CUDA" in str(getattr(e, "device_type", "")))
-    count = lambda names: sum(1 for e in events if e.name in names)  # noqa: E731
-    launches = count(("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx"))
-    syncs = count(("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"))
+    gpu_us, launches, syncs = profiler_counts(prof.events())
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:10]
     return {"tokens": tokens, "wall_ms_per_token": round(1e3 * wall / tokens, 2),
             "cpu_ms_per_token": round(1e3 * cpu / tokens, 2),  # process CPU time (profiler overhead included)

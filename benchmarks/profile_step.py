@@ -38,7 +38,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import listed, parse_config, prepared_rows
+    from shapes import listed, parse_config, prepared_rows, profiler_counts
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
@@ -76,12 +76,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
                          include_num_input_tokens_seen="non_padding", **more)
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=args, callbacks=[cb])
         res = trainer.train()
-        events = cb.prof.events()
-        # Kernel time: device-side self time of CUDA kernels (memcpy/memset included), summed.
-        gpu_us = sum(e.self_device_time_total for e in events if getattr(e, "device_type", None) is not None
-                     and "CUDA" in str(e.device_type))
-        launches = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC",
-                                                       "cuLaunchKernelEx"))
+        gpu_us, launches, _ = profiler_counts(cb.prof.events())
         top = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
         r = {"config": cfg, "extra": more, "wall_s": round(cb.wall, 3), "gpu_kernel_s": round(gpu_us / 1e6, 3),
              "gpu_busy_pct": round(100 * gpu_us / 1e6 / cb.wall, 1), "kernel_launches": launches,

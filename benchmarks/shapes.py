@@ -115,3 +115,15 @@ def train_flops_per_token(config: dict, seq: float) -> float:
     n = estimate.quantized_params(c) + c["vocab_size"] * c["hidden_size"]
     attn = 4 * c["num_hidden_layers"] * seq * c["num_attention_heads"] * c["head_dim"] / 2  # causal: half
     return 4 * n + 2 * attn
+
+
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def profiler_counts(events) -> tuple:
+    """(GPU kernel microseconds, kernel launches, host-device syncs) in torch.profiler events. Kernel time is
+    the device-side self time of CUDA events (memcpy/memset included), summed."""
+    gpu_us = sum(e.self_device_time_total for e in events if "CUDA" in str(getattr(e, "device_type", "")))
+    return (gpu_us, sum(1 for e in events if e.name in KERNEL_LAUNCHES),
+            sum(1 for e in events if e.name in SYNCS))

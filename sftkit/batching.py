@@ -34,8 +34,8 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
 
     For each setting of gradient checkpointing (off, and on when the user allowed it), the largest micro-batch
     that fits; off wins where its micro-batch is as large, or at least half as large and, packed, big enough to
-    keep the GPU busy (worth_dropping). Dropping checkpointing removes the recomputed forward pass and the activation copies to
-    the CPU; the gradients are the same."""
+    keep the GPU busy (worth_dropping). Dropping checkpointing removes the recomputed forward pass and the
+    activation copies to the CPU; the gradients are the same."""
     effective = per_device * accum
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
     keep = {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": accum,

@@ -125,8 +125,8 @@ PER_INVOCATION = {"resume", "overwrite", "output_dir"}
 def resumable(fn):
     """Wraps train(): with resume=True, every argument the caller did not give takes the value recorded in the
     run's run.json, so `--resume --output_dir X` alone continues X exactly (its step count too). Which arguments
-    were given is known from the call itself (Fire passes only the flags typed), so `--max_steps 60` counts
-    even though 60 is the default."""
+    were given is known from the call (a Python caller's keywords) or, on the command line, from cli.GIVEN (Fire
+    fills in every default), so `--max_steps 60` counts even though 60 is the default."""
     sig = inspect.signature(fn)
 
     @functools.wraps(fn)
