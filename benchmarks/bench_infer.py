@@ -18,13 +18,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-# Named variants: (backend, cuDNN attention allowed). "hf" is plain transformers with the libraries' defaults;
-# "unsloth" and "hf-sftkit" are what infer.py runs (cuDNN attention off, see sftkit/backend.py).
-VARIANTS = {"unsloth": ("unsloth", False), "unsloth-cudnn": ("unsloth", True), "hf": ("hf", True),
-            "hf-sftkit": ("hf", False)}
+# Named variants: (backend, cuDNN attention allowed, LoRA adapter on, extra generate arguments). "hf" is plain
+# transformers with the libraries' defaults; "unsloth" and "hf-sftkit" are what infer.py runs (cuDNN attention
+# off, see sftkit/backend.py). "-base" variants decode without an adapter: the compute of an adapter merged
+# into the weights, an upper bound for merging. "hf-static" uses transformers' static KV cache, with which
+# generate compiles the decode step into CUDA graphs (Unsloth's generate forces a dynamic cache).
+VARIANTS = {"unsloth": ("unsloth", False, True, {}), "unsloth-cudnn": ("unsloth", True, True, {}),
+            "hf": ("hf", True, True, {}), "hf-sftkit": ("hf", False, True, {}),
+            "unsloth-base": ("unsloth", False, False, {}), "hf-base": ("hf", True, False, {}),
+            "hf-static": ("hf", True, True, {"cache_implementation": "static"})}
 
 
-def decode_profile(model, enc, tokens: int, pad_token_id: int) -> dict:
+def decode_profile(model, enc, tokens: int, pad_token_id: int, extra: dict) -> dict:
     """One bs1 generate of `tokens` tokens under torch.profiler: per generated token, the wall and CPU time, the
     GPU kernel time, kernel launches and host-device syncs, and the ops that took the most CPU."""
     import torch
@@ -32,7 +37,7 @@ def decode_profile(model, enc, tokens: int, pad_token_id: int) -> dict:
 
     from shapes import profiler_counts
 
-    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id)
+    gen = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=pad_token_id, **extra)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, torch.inference_mode():
         t0, c0 = time.perf_counter(), time.process_time()
@@ -57,14 +62,17 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
 
     import torch
 
-    backend, cudnn = VARIANTS[variant]
+    backend, cudnn, lora, extra = VARIANTS[variant]
     choice = choose(backend, "auto", cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    model = for_inference(add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True), choice)
+    if lora:
+        model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
+    model = for_inference(model, choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
     tok.padding_side = "left"
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+               **extra)
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # CPU: a dry run of the harness (shape tiny)
@@ -90,14 +98,14 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None}
     if profile_tokens and cuda:
         res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
-                                            profile_tokens, tok.pad_token_id)
+                                            profile_tokens, tok.pad_token_id, extra)
     Path(out).write_text(json.dumps(res))
     print(json.dumps(res))
 
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
          repeats: int = 3, rounds: int = 1, profile_tokens: int = 0, cache: str = "/tmp/sftkit-bench",
-         out: str = ""):
+         out: str = "", worker_timeout: int = 900):
     """Benchmark decoding and write JSON.
 
     Args:
@@ -110,6 +118,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       profile_tokens: if > 0, also profile one batch-1 generate of this many tokens (GPU only).
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
+      worker_timeout: seconds after which one variant's process is stopped and recorded as an error.
     """
     from shapes import listed, make_model
 
@@ -127,16 +136,22 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
                    str(tmp), str(profile_tokens)]
             log = Path(cache) / f"infer-{b}.log"
             with open(log, "w") as f:
-                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+                try:  # a variant that hangs (e.g. compiling) must not take the others' results with it
+                    rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=worker_timeout).returncode
+                except subprocess.TimeoutExpired:
+                    rc = f"timed out after {worker_timeout} s"
             results.append({**(json.loads(tmp.read_text()) if tmp.exists() else
                                 {"variant": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]}),
                             "round": rnd})
             print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
     ok = [r for r in results if "error" not in r]
-    print(f"| round | variant | bs1 tokens/s | {key} | batch/bs1 | peak reserved GB |\n|---|---|---|---|---|---|")
+    print(f"| round | variant | bs1 tokens/s | bs1 / hf | {key} | batch/bs1 | peak reserved GB |\n"
+          "|---|---|---|---|---|---|---|")
     for r in ok:
-        print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {r[key]} | "
+        hf = [x for x in ok if x["round"] == r["round"] and x["variant"] == "hf"]  # same round's plain baseline
+        vs = f"{r['bs1_tokens_per_s'] / hf[0]['bs1_tokens_per_s']:.2f}x" if hf else "-"
+        print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {r[key]} | "
               f"{r[key] / r['bs1_tokens_per_s']:.1f}x | {r['peak_reserved_gb']} |")
     ratios = []  # unsloth / hf within each round: the pairs that shared the machine's state most closely
     for rnd in range(rounds):

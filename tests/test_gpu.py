@@ -123,3 +123,31 @@ def test_cudnn_attention_is_off_unless_asked():
     assert "off" in attention_kernels(False) and not torch.backends.cuda.cudnn_sdp_enabled()
     assert "allowed" in attention_kernels(True) and torch.backends.cuda.cudnn_sdp_enabled()
     attention_kernels(False)
+
+
+def test_fast_mode_plans_on_the_gpu_and_resume_continues(tmp_path):
+    """`--fast` as a user types it, on the GPU: the plan keeps the effective batch, and a plain `--resume`
+    with a larger --max_steps continues from the last checkpoint with the recorded arguments."""
+    import subprocess
+
+    from conftest import train_cmd
+
+    out = tmp_path / "run"
+    first = subprocess.run(train_cmd("--model_name", TINY, "--dataset", SAMPLE, "--max_samples", "64", "--fast",
+                                     "--max_steps", "4", "--save_steps", "2", "--learning_rate", "1e-2",
+                                     "--output_dir", str(out)), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    plan = rec["fast"]
+    assert rec["backend"]["backend"] == "unsloth" and rec["status"] == "finished"
+    assert plan["per_device_train_batch_size"] * plan["gradient_accumulation_steps"] == 2 * 4  # effective batch kept
+    assert plan["per_device_train_batch_size"] == 8 and plan["gradient_accumulation_steps"] == 1  # tiny model fits
+    assert rec["args"]["per_device_train_batch_size"] == 2  # the request is recorded, the plan beside it
+    assert "fast mode: micro-batch 8 x accumulation 1" in first.stderr
+    again = subprocess.run(train_cmd("--output_dir", str(out), "--resume", "--max_steps", "6"),
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 6 and rec["fast"] == plan
+    assert rec["resumed_from"].endswith("checkpoint-4")
+    assert [m["step"] for m in metrics(out)] == list(range(1, 7))
