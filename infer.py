@@ -42,6 +42,7 @@ def infer(
     dtype: str = "auto",
     load_in_4bit: bool = True,
     max_seq_length: int = 0,
+    merge_adapter: bool = False,
 ):
     """Generate answers with a trained adapter (or a base model).
 
@@ -67,6 +68,7 @@ def infer(
       dtype: auto | bf16 | fp16 | fp32.
       load_in_4bit: load the base in 4-bit on a GPU (taken from run.json with --adapter).
       max_seq_length: context length (0 = the run's, or 2048).
+      merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
     """
     if not (instruction or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
@@ -74,13 +76,17 @@ def infer(
         raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
     if compare_base and not adapter:
         raise UserError(COMPARE_NEEDS_ADAPTER)
+    if compare_base and merge_adapter:
+        raise UserError("--compare_base switches the adapter off and on, which a merged adapter cannot do: "
+                        "drop --merge_adapter (or --compare_base).")
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
     from transformers import set_seed
 
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
     if do_sample:
         gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, **gen)
+    g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, merge_adapter,
+                       **gen)
     set_seed(seed)
     if input_file:
         n = run_batch(g, input_file, output_file, batch_size, compare_base, rows=rows)

@@ -18,15 +18,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-# Named variants: (backend, cuDNN attention allowed, LoRA adapter on, extra generate arguments). "hf" is plain
+# Named variants: (backend, cuDNN attention allowed, adapter, extra generate arguments). "hf" is plain
 # transformers with the libraries' defaults; "unsloth" and "hf-sftkit" are what infer.py runs (cuDNN attention
-# off, see sftkit/backend.py). "-base" variants decode without an adapter: the compute of an adapter merged
-# into the weights, an upper bound for merging. "hf-static" uses transformers' static KV cache, with which
-# generate compiles the decode step into CUDA graphs (Unsloth's generate forces a dynamic cache).
-VARIANTS = {"unsloth": ("unsloth", False, True, {}), "unsloth-cudnn": ("unsloth", True, True, {}),
-            "hf": ("hf", True, True, {}), "hf-sftkit": ("hf", False, True, {}),
-            "unsloth-base": ("unsloth", False, False, {}), "hf-base": ("hf", True, False, {}),
-            "hf-static": ("hf", True, True, {"cache_implementation": "static"})}
+# off, see sftkit/backend.py). Adapter "lora" is served as trained, "merged" is folded into the 4-bit weights
+# first (infer.py --merge_adapter), "none" decodes the bare base model (the compute of a merged adapter).
+# "hf-static" asks for transformers' static KV cache (its generate compiles the decode step into CUDA graphs
+# where the model allows; Unsloth's generate forces a dynamic cache).
+VARIANTS = {"unsloth": ("unsloth", False, "lora", {}), "unsloth-cudnn": ("unsloth", True, "lora", {}),
+            "hf": ("hf", True, "lora", {}), "hf-sftkit": ("hf", False, "lora", {}),
+            "unsloth-merged": ("unsloth", False, "merged", {}), "hf-merged": ("hf", True, "merged", {}),
+            "unsloth-base": ("unsloth", False, "none", {}), "hf-base": ("hf", True, "none", {}),
+            "hf-static": ("hf", True, "lora", {"cache_implementation": "static"})}
 
 
 def decode_profile(model, enc, tokens: int, pad_token_id: int, extra: dict) -> dict:
@@ -62,11 +64,16 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
 
     import torch
 
-    backend, cudnn, lora, extra = VARIANTS[variant]
+    backend, cudnn, adapter, extra = VARIANTS[variant]
     choice = choose(backend, "auto", cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    if lora:
+    if adapter != "none":
         model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
+    merge_s = None
+    if adapter == "merged":  # what infer.py --merge_adapter does (the same work whatever the adapter holds)
+        t0 = time.perf_counter()
+        model = model.merge_and_unload()
+        merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
@@ -95,7 +102,8 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
            "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
            f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
            "bs1_each": [round(n / t, 1) for n, t in single],
-           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None}
+           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
+           "merge_s": merge_s}
     if profile_tokens and cuda:
         res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
                                             profile_tokens, tok.pad_token_id, extra)

@@ -51,6 +51,27 @@ def test_for_inference_streamed_and_batched_agree(unsloth_run, capsys):
     assert streamed[longest] == batched[longest]  # greedy, and the longest prompt gets no padding: must agree
 
 
+def test_merged_adapter_on_unsloth_4bit(unsloth_run):
+    """--merge_adapter on the Unsloth path: peft re-quantizes the 4-bit weights with the LoRA product added, so
+    the merged model's next-token logits must sit much nearer the adapter's than the base model's."""
+    import torch
+
+    from sftkit.generate import open_generator
+
+    g = open_generator(unsloth_run, max_new_tokens=16, do_sample=False)
+    merged = open_generator(unsloth_run, max_new_tokens=16, do_sample=False, merge_adapter=True)
+    assert not any("lora" in name for name, _ in merged.model.named_modules())
+    ids = torch.tensor([g.prompt_ids("비밀번호를 안전하게 만드는 방법은?")], device=g.device)
+    with torch.inference_mode():
+        tuned = g.model(input_ids=ids).logits[0, -1].float()
+        with g.model.disable_adapter():
+            base = g.model(input_ids=ids).logits[0, -1].float()
+        folded = merged.model(input_ids=ids).logits[0, -1].float()
+    print("merged-adapter", (folded - tuned).norm().item(), "base-adapter", (base - tuned).norm().item())
+    assert (folded - tuned).norm() < 0.5 * (base - tuned).norm()
+    assert merged.answer("비밀번호를 안전하게 만드는 방법은?")["tokens"] > 0
+
+
 def test_chat_format_through_unsloth(tmp_path):
     from train_unsloth import train
 

@@ -111,3 +111,18 @@ def test_cli_text_arguments_stay_text(memorized):
                           "--instruction", "hi, there", "--max_new_tokens", "3"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_merged_adapter_answers_like_the_adapter(memorized, gen):
+    """--merge_adapter folds LoRA into the weights: no LoRA layer is left, and (in full precision, as on a CPU)
+    the greedy answers are the adapter's own, not the base model's."""
+    merged = open_generator(memorized, max_new_tokens=48, do_sample=False, merge_adapter=True)
+    assert not any("lora" in name for name, _ in merged.model.named_modules())
+    for r in ROWS[:3]:
+        assert merged.answer(r["instruction"])["answer"] == gen.answer(r["instruction"])["answer"]
+    assert merged.answer(ROWS[0]["instruction"])["answer"] != gen.answer(ROWS[0]["instruction"], base=True)["answer"]
+    with pytest.raises(UserError, match="no adapter to merge"):
+        open_generator(model_name=TINY, merge_adapter=True)
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--instruction", "x",
+                          "--compare_base", "--merge_adapter"], capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "drop --merge_adapter" in out.stderr
