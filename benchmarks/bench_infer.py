@@ -67,12 +67,20 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     backend, cudnn, adapter, extra = VARIANTS[variant]
     choice = choose(backend, "auto", cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
-    if adapter != "none":
-        model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
     merge_s = None
-    if adapter == "merged":  # what infer.py --merge_adapter does (the same work whatever the adapter holds)
+    if adapter == "lora":
+        model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
+    elif adapter == "merged":
+        # As infer.py --merge_adapter: a plain peft wrapper (as PeftModel.from_pretrained puts a saved adapter on),
+        # not Unsloth's get_peft_model, whose patched layer forwards expect LoRA modules to stay. The merge does
+        # the same work whatever the adapter holds.
+        from peft import LoraConfig, get_peft_model
+
+        from sftkit.backend import merge_adapter
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(estimate.MODULES)))
         t0 = time.perf_counter()
-        model = model.merge_and_unload()
+        model = merge_adapter(model)
         merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]

@@ -266,3 +266,19 @@ def load_adapter(model, adapter_dir: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, adapter_dir)
+
+
+def merge_adapter(model):
+    """Folds a loaded (peft) LoRA adapter into the base weights and returns the bare model.
+
+    In 4-bit, peft dequantizes, adds the LoRA product and quantizes again, and the new quantization state says
+    float32 (the dtype it quantized from), so the weights would dequantize to float32 and meet 16-bit
+    activations; they are set back to the model's compute dtype, which is what they dequantized to before.
+    """
+    compute = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1)
+    model = model.merge_and_unload()
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and getattr(state, "dtype", compute) != compute:
+            state.dtype = compute
+    return model

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import prompts, run
 from .backend import choose, for_inference, load_adapter, load_model
+from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -120,7 +121,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
             # Decoding one token is bound by kernel launches, and an unmerged adapter adds two small products
             # per projection (measured on the 8B shape: ~1.3x faster decoding merged, benchmarks/README.md).
             # In 4-bit, peft dequantizes, adds the LoRA product and quantizes again: close, not bit-identical.
-            model = model.merge_and_unload()
+            model = fold_adapter(model)
             log.info("adapter merged into the base weights%s", " (re-quantized to 4-bit: answers may differ "
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
     elif merge_adapter:
