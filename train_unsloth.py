@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from sftkit import batching, data, memory, prompts, run
+from sftkit import batching, cli, data, memory, prompts, run
 from sftkit.backend import add_lora, choose, load_model
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
@@ -115,9 +115,9 @@ def train(
     """
     args = dict(locals())
     output_dir = args["output_dir"] = output_dir or run.default_name(model_name, dataset)
-    # Text from the command line (sftkit.cli keeps str arguments as typed); a Python caller may pass a list.
-    modules = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
-    args["target_modules"] = modules
+    modules = args["target_modules"] = cli.names(target_modules)  # text from the command line, or a list
+    if not modules:
+        raise UserError("--target_modules names no layer: pass a comma-separated list, e.g. q_proj,v_proj.")
     check_numbers(args)
     if report_to != "none" and importlib.util.find_spec(report_to) is None:
         raise UserError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")

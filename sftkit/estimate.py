@@ -11,6 +11,7 @@ import json
 import re
 from pathlib import Path
 
+from .cli import names
 from .errors import UserError
 
 GIB = 1024 ** 3
@@ -142,8 +143,7 @@ def gpu_capacity(gpu) -> float:
 
 def check_targets(target_modules) -> list:
     """A comma-separated string or a list/tuple (Fire turns 'q_proj,k_proj' into a tuple) -> checked list."""
-    mods = [m.strip() for m in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
-    mods = [m for m in mods if m]
+    mods = names(target_modules)
     bad = [m for m in mods if m not in MODULES]
     if bad or not mods:
         raise UserError(f"--target_modules {','.join(bad) or '(empty)'}: the estimate knows the Llama linear "

@@ -145,9 +145,9 @@ def resumable(fn):
 
 def _same(given, recorded) -> bool:
     """CLI text and the recorded list name the same modules: 'q_proj' == ['q_proj'], (a, b) == [a, b]."""
-    if isinstance(recorded, list) and isinstance(given, str):
-        given = [x.strip() for x in given.split(",") if x.strip()]
-    return (list(given) if isinstance(given, tuple) else given) == recorded
+    if isinstance(recorded, list) and isinstance(given, (str, tuple, list)):
+        given = cli.names(given)
+    return given == recorded
 
 
 def resume_args(output_dir: str, given: dict, known: set) -> dict:

@@ -258,6 +258,18 @@ def test_out_of_memory_becomes_advice_and_a_failed_record(tmp_path, monkeypatch)
 def test_unknown_lora_module_names_the_real_ones(tmp_path):
     with pytest.raises(UserError, match="qproj.*q_proj"):
         train(**quick_args(tmp_path, target_modules="qproj"))
+    with pytest.raises(UserError, match="names no layer.*q_proj,v_proj"):
+        train(**quick_args(tmp_path, target_modules=" , "))
+
+
+def test_module_lists_read_one_way_everywhere():
+    """Training, the memory estimate and the resume check split --target_modules alike: stray spaces and commas
+    are dropped, so 'q_proj, v_proj,' trains, estimates and resumes as ['q_proj', 'v_proj']."""
+    from sftkit import cli, estimate, run
+
+    assert cli.names("q_proj, v_proj,") == ["q_proj", "v_proj"] == cli.names(("q_proj", " v_proj"))
+    assert estimate.check_targets("q_proj, v_proj,") == ["q_proj", "v_proj"]
+    assert run._same("q_proj, v_proj,", ["q_proj", "v_proj"]) and not run._same("q_proj", ["q_proj", "v_proj"])
 
 
 def test_fast_plan_prefers_no_checkpointing_where_the_estimate_fits():
