@@ -20,12 +20,15 @@ sys.path.insert(0, str(HERE))
 
 # Named variants: (backend, cuDNN attention allowed, adapter, extra generate arguments). "hf" is plain
 # transformers with the libraries' defaults; "unsloth" and "hf-sftkit" are what infer.py runs (cuDNN attention
-# off, see sftkit/backend.py). Adapter "lora" is served as trained, "merged" is folded into the 4-bit weights
-# first (infer.py --merge_adapter), "none" decodes the bare base model (the compute of a merged adapter).
+# off, see sftkit/backend.py). Adapter "lora" is put on as for training (sftkit add_lora: Unsloth's get_peft_model,
+# or on hf peft's prepare_model_for_kbit_training, which also turns the embeddings, norms and lm_head to
+# float32); "served" as infer.py puts a saved adapter on (a plain peft wrapper, nothing else changed); "merged"
+# is then folded into the 4-bit weights (infer.py --merge_adapter); "none" decodes the bare base model.
 # "hf-static" asks for transformers' static KV cache (its generate compiles the decode step into CUDA graphs
 # where the model allows; Unsloth's generate forces a dynamic cache).
 VARIANTS = {"unsloth": ("unsloth", False, "lora", {}), "unsloth-cudnn": ("unsloth", True, "lora", {}),
             "hf": ("hf", True, "lora", {}), "hf-sftkit": ("hf", False, "lora", {}),
+            "unsloth-served": ("unsloth", False, "served", {}), "hf-served": ("hf", True, "served", {}),
             "unsloth-merged": ("unsloth", False, "merged", {}), "hf-merged": ("hf", True, "merged", {}),
             "unsloth-base": ("unsloth", False, "none", {}), "hf-base": ("hf", True, "none", {}),
             "hf-static": ("hf", True, "lora", {"cache_implementation": "static"})}
@@ -70,18 +73,19 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     merge_s = None
     if adapter == "lora":
         model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), True, 3407, True)
-    elif adapter == "merged":
-        # As infer.py --merge_adapter: a plain peft wrapper (as PeftModel.from_pretrained puts a saved adapter on),
-        # not Unsloth's get_peft_model, whose patched layer forwards expect LoRA modules to stay. The merge does
-        # the same work whatever the adapter holds.
+    elif adapter in ("served", "merged"):
+        # A plain peft wrapper, as PeftModel.from_pretrained puts a saved adapter on in infer.py (not Unsloth's
+        # get_peft_model, whose patched layer forwards expect the LoRA modules to stay after a merge). The merge
+        # does the same work whatever the adapter holds.
         from peft import LoraConfig, get_peft_model
 
         from sftkit.backend import merge_adapter
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=list(estimate.MODULES)))
-        t0 = time.perf_counter()
-        model = merge_adapter(model)
-        merge_s = round(time.perf_counter() - t0, 1)
+        if adapter == "merged":
+            t0 = time.perf_counter()
+            model = merge_adapter(model)
+            merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
