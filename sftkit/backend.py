@@ -272,13 +272,18 @@ def merge_adapter(model):
     """Folds a loaded (peft) LoRA adapter into the base weights and returns the bare model.
 
     In 4-bit, peft dequantizes, adds the LoRA product and quantizes again, and the new quantization state says
-    float32 (the dtype it quantized from), so the weights would dequantize to float32 and meet 16-bit
-    activations; they are set back to the model's compute dtype, which is what they dequantized to before.
+    float32 (the dtype it quantized from), so those weights would dequantize to float32 and meet 16-bit
+    activations (Unsloth's decode path fails on that). They are set back to the dtype the 4-bit weights
+    dequantized to before the merge.
     """
-    compute = next(p.dtype for p in model.parameters() if p.is_floating_point() and p.element_size() > 1)
+    def states(m):
+        return [s for mod in m.modules() if (s := getattr(getattr(mod, "weight", None), "quant_state", None))]
+
+    before = {s.dtype for s in states(model) if hasattr(s, "dtype")}
     model = model.merge_and_unload()
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None and getattr(state, "dtype", compute) != compute:
-            state.dtype = compute
+    if len(before) == 1:  # one dtype for all 4-bit weights, as bitsandbytes loads them; else leave them be
+        (dtype,) = before
+        for state in states(model):
+            if hasattr(state, "dtype"):
+                state.dtype = dtype
     return model

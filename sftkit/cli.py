@@ -16,7 +16,7 @@ TRUE, FALSE = {"true", "yes", "y", "on", "1"}, {"false", "no", "n", "off", "0"}
 def names(value) -> list:
     """Comma-separated text (as typed on the command line) or a list (from Python) -> the names in it, stripped,
     empty entries dropped: 'q_proj, v_proj,' == ['q_proj', 'v_proj']."""
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = value.split(",") if isinstance(value, str) else list(value or [])
     return [str(x).strip() for x in items if str(x).strip()]
 
 

@@ -18,11 +18,15 @@ log = logging.getLogger("sftkit")
 ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
 COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
                          "written by train_unsloth.py). With only --model_name there is no adapter to switch off.")
+MERGE_NEEDS_ADAPTER = "--merge_adapter needs --adapter outputs/<run>: there is no adapter to merge."
+MERGED_CANNOT_COMPARE = ("--compare_base switches the adapter off and on, which a merged adapter cannot do: drop "
+                         "--merge_adapter (or --compare_base).")
 
 
 class Generator:
-    def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = ""):
+    def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = "", merged: bool = False):
         self.model, self.tok, self.template, self.choice, self.adapter = model, tokenizer, template, choice, adapter
+        self.merged = merged
         self.gen = dict(gen)
         stop_ids = [tokenizer.eos_token_id]
         if template.kind == "chat":
@@ -53,6 +57,8 @@ class Generator:
         import torch
 
         self.tok.padding_side = "left"  # decoder-only models continue from the right edge
+        if base and self.merged:
+            raise UserError(MERGED_CANNOT_COMPARE)
         if base and not (self.adapter and hasattr(self.model, "disable_adapter")):
             # Without an adapter "adapter off" is the same model: refuse rather than show one answer twice.
             raise UserError(COMPARE_NEEDS_ADAPTER)
@@ -111,6 +117,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     else:
         raise UserError("nothing to load: pass --adapter outputs/<run> (a folder written by train_unsloth.py), or "
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
+    if merge_adapter and not adapter:  # before the (slow) model load
+        raise UserError(MERGE_NEEDS_ADAPTER)
     choice = choose(backend, dtype)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
     if template.kind == "chat":
@@ -118,16 +126,14 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     if adapter:
         model = load_adapter(model, adapter)
         if merge_adapter:
-            # Decoding one token is bound by kernel launches, and an unmerged adapter adds two small products
-            # per projection (measured on the 8B shape: ~1.3x faster decoding merged, benchmarks/README.md).
+            # Decoding one token is bound by kernel launches, and an unmerged adapter adds small products beside
+            # every projection (8B shape, Unsloth: 1.28x-1.49x faster decoding merged, benchmarks/README.md).
             # In 4-bit, peft dequantizes, adds the LoRA product and quantizes again: close, not bit-identical.
             model = fold_adapter(model)
             log.info("adapter merged into the base weights%s", " (re-quantized to 4-bit: answers may differ "
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
-    elif merge_adapter:
-        raise UserError("--merge_adapter needs --adapter outputs/<run>: there is no adapter to merge.")
     model = for_inference(model, choice)
-    return Generator(model, tokenizer, template, choice, gen, adapter)
+    return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
 
 
 def read_prompts(input_file: str) -> list:

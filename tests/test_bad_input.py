@@ -61,3 +61,13 @@ def test_compare_base_without_an_adapter_is_refused(tmp_path):
     g = open_generator(model_name=TINY, max_new_tokens=2)  # the library path refuses too, not just the CLI
     with pytest.raises(UserError, match="--compare_base needs"):
         g.answer("hi", base=True)
+
+
+def test_merge_adapter_conflicts_are_refused_before_loading(tmp_path):
+    """Both checks name the fix and come before any model is read (the paths given do not even exist)."""
+    from infer import infer
+
+    with pytest.raises(UserError, match="drop --merge_adapter"):
+        infer(adapter=str(tmp_path / "no-run"), instruction="hi", compare_base=True, merge_adapter=True)
+    with pytest.raises(UserError, match="--merge_adapter needs --adapter"):
+        infer(model_name=str(tmp_path / "no-model"), instruction="hi", merge_adapter=True)

@@ -169,6 +169,8 @@ def test_fast_mode_plans_on_the_gpu_and_resume_continues(tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     rec = json.loads((out / "run.json").read_text())
-    assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 6 and rec["fast"] == plan
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing")
+    assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 6
+    assert [rec["fast"][k] for k in keys] == [plan[k] for k in keys]  # re-planned alike (reason names free memory)
     assert rec["resumed_from"].endswith("checkpoint-4")
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))

@@ -121,8 +121,33 @@ def test_merged_adapter_answers_like_the_adapter(memorized, gen):
     for r in ROWS[:3]:
         assert merged.answer(r["instruction"])["answer"] == gen.answer(r["instruction"])["answer"]
     assert merged.answer(ROWS[0]["instruction"])["answer"] != gen.answer(ROWS[0]["instruction"], base=True)["answer"]
+    with pytest.raises(UserError, match="drop --merge_adapter"):
+        merged.answer(ROWS[0]["instruction"], base=True)
+
+
+def test_merge_adapter_without_adapter_fails_before_loading(monkeypatch):
+    import sftkit.generate
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the argument check")
+
+    monkeypatch.setattr(sftkit.generate, "load_model", no_load)
     with pytest.raises(UserError, match="no adapter to merge"):
         open_generator(model_name=TINY, merge_adapter=True)
-    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--instruction", "x",
-                          "--compare_base", "--merge_adapter"], capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "drop --merge_adapter" in out.stderr
+
+
+def test_merged_4bit_weights_dequantize_to_the_compute_dtype():
+    """peft re-quantizes merged 4-bit weights with a float32 state; merge_adapter restores the 16-bit one, or
+    the weights would dequantize to float32 and meet bf16 activations (Unsloth's decode path fails on that)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from sftkit.backend import merge_adapter
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(TINY, quantization_config=q, dtype=torch.bfloat16)  # CPU bnb
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    merged = merge_adapter(lora)
+    states = [m.weight.quant_state for m in merged.modules() if getattr(getattr(m, "weight", None), "quant_state", None)]
+    assert len(states) == 14 and {s.dtype for s in states} == {torch.bfloat16}  # 2 layers x 7 projections
