@@ -125,7 +125,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
          repeats: int = 3, rounds: int = 1, profile_tokens: int = 0, cache: str = "/tmp/sftkit-bench",
-         out: str = "", worker_timeout: int = 900):
+         out: str = "", worker_timeout: int = 900, baseline: str = "hf"):
     """Benchmark decoding and write JSON.
 
     Args:
@@ -139,12 +139,14 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       cache: folder of the generated model.
       out: JSON path (default benchmarks/results/infer-<shape>.json).
       worker_timeout: seconds after which one variant's process is stopped and recorded as an error.
+      baseline: the variant every other one is divided by, within its round (hf-served: the plain recipe's
+        inference of a saved adapter).
     """
     from shapes import listed, make_model
 
     model_dir = make_model(shape, Path(cache))
     names = listed(backends)
-    unknown = [b for b in names if b not in VARIANTS]
+    unknown = [b for b in names + [baseline] if b not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     results = []
@@ -166,26 +168,29 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
             print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
     ok = [r for r in results if "error" not in r]
-    print(f"| round | variant | bs1 tokens/s | bs1 / hf | {key} | batch/bs1 | peak reserved GB |\n"
+    print(f"| round | variant | bs1 tokens/s | bs1 / {baseline} | {key} | batch/bs1 | peak reserved GB |\n"
           "|---|---|---|---|---|---|---|")
     for r in ok:
-        hf = [x for x in ok if x["round"] == r["round"] and x["variant"] == "hf"]  # same round's plain baseline
+        hf = [x for x in ok if x["round"] == r["round"] and x["variant"] == baseline]  # same round's baseline
         vs = f"{r['bs1_tokens_per_s'] / hf[0]['bs1_tokens_per_s']:.2f}x" if hf else "-"
         print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {r[key]} | "
               f"{r[key] / r['bs1_tokens_per_s']:.1f}x | {r['peak_reserved_gb']} |")
-    ratios = []  # unsloth / hf within each round: the pairs that shared the machine's state most closely
+    ratios = []  # each variant / the baseline within a round: the pairs that shared the machine's state most closely
     for rnd in range(rounds):
         pair = {r["variant"]: r for r in ok if r["round"] == rnd}
-        if "unsloth" in pair and "hf" in pair:
-            ratios.append({"round": rnd, "bs1": round(pair["unsloth"]["bs1_tokens_per_s"] /
-                                                      pair["hf"]["bs1_tokens_per_s"], 3),
-                           f"bs{batch}": round(pair["unsloth"][key] / pair["hf"][key], 3)})
+        for name, r in pair.items():
+            if name != baseline and baseline in pair:
+                ratios.append({"round": rnd, "variant": name, "baseline": baseline,
+                               "bs1": round(r["bs1_tokens_per_s"] / pair[baseline]["bs1_tokens_per_s"], 3),
+                               f"bs{batch}": round(r[key] / pair[baseline][key], 3)})
     for x in ratios:
-        print(f"round {x['round']}: unsloth / hf at bs1 {x['bs1']:.2f}x, at bs{batch} {x[f'bs{batch}']:.2f}x")
-    if len(ratios) > 1:
-        bs1 = sorted(x["bs1"] for x in ratios)
-        print(f"unsloth / hf at bs1 over {len(ratios)} rounds: min {bs1[0]:.2f}x, "
-              f"median {statistics.median(bs1):.2f}x, max {bs1[-1]:.2f}x")
+        print(f"round {x['round']}: {x['variant']} / {baseline} at bs1 {x['bs1']:.2f}x, "
+              f"at bs{batch} {x[f'bs{batch}']:.2f}x")
+    for name in names:
+        bs1 = sorted(x["bs1"] for x in ratios if x["variant"] == name)
+        if len(bs1) > 1:
+            print(f"{name} / {baseline} at bs1 over {len(bs1)} rounds: min {bs1[0]:.2f}x, "
+                  f"median {statistics.median(bs1):.2f}x, max {bs1[-1]:.2f}x")
     path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,
