@@ -197,6 +197,8 @@ def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int =
                 out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
                 if base:
                     out["base_answer"] = base[k]["answer"]
+                if g.merged:  # re-quantized weights (in 4-bit): a resumed file says which answers came from them
+                    out["merged_adapter"] = True
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

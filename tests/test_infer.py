@@ -113,7 +113,7 @@ def test_cli_text_arguments_stay_text(memorized):
     assert out.returncode == 0, out.stderr[-2000:]
 
 
-def test_merged_adapter_answers_like_the_adapter(memorized, gen):
+def test_merged_adapter_answers_like_the_adapter(memorized, gen, tmp_path):
     """--merge_adapter folds LoRA into the weights: no LoRA layer is left, and (in full precision, as on a CPU)
     the greedy answers are the adapter's own, not the base model's."""
     merged = open_generator(memorized, max_new_tokens=48, do_sample=False, merge_adapter=True)
@@ -123,6 +123,10 @@ def test_merged_adapter_answers_like_the_adapter(memorized, gen):
     assert merged.answer(ROWS[0]["instruction"])["answer"] != gen.answer(ROWS[0]["instruction"], base=True)["answer"]
     with pytest.raises(UserError, match="drop --merge_adapter"):
         merged.answer(ROWS[0]["instruction"], base=True)
+    src, dst = write_jsonl(tmp_path / "q.jsonl", ROWS[:2]), tmp_path / "a.jsonl"
+    assert run_batch(merged, src, str(dst)) == 2
+    written = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert [r["merged_adapter"] for r in written] == [True, True]  # batch rows say they came from merged weights
 
 
 def test_merge_adapter_without_adapter_fails_before_loading(monkeypatch):
