@@ -15,8 +15,7 @@ import sys
 
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
-from sftkit.generate import (COMPARE_NEEDS_ADAPTER, MERGE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator,
-                             read_prompts, run_batch)
+from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator, read_prompts, run_batch
 
 log = logging.getLogger("sftkit")
 
@@ -77,8 +76,6 @@ def infer(
         raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
     if compare_base and not adapter:
         raise UserError(COMPARE_NEEDS_ADAPTER)
-    if merge_adapter and not adapter:
-        raise UserError(MERGE_NEEDS_ADAPTER)
     if compare_base and merge_adapter:
         raise UserError(MERGED_CANNOT_COMPARE)
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads

@@ -142,7 +142,8 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       baseline: the variant every other one is divided by, within its round (hf-served: the plain recipe's
         inference of a saved adapter).
     """
-    from shapes import listed, make_model
+    from shapes import make_model
+    from sftkit.cli import names as listed
 
     model_dir = make_model(shape, Path(cache))
     names = listed(backends)
@@ -168,21 +169,21 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
             print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
     ok = [r for r in results if "error" not in r]
+    base = {r["round"]: r for r in ok if r["variant"] == baseline}
+    ratios = []  # each variant / the baseline within a round: the pairs that shared the machine's state most closely
+    for r in ok:
+        if r["variant"] != baseline and r["round"] in base:
+            b = base[r["round"]]
+            ratios.append({"round": r["round"], "variant": r["variant"], "baseline": baseline,
+                           "bs1": round(r["bs1_tokens_per_s"] / b["bs1_tokens_per_s"], 3),
+                           f"bs{batch}": round(r[key] / b[key], 3)})
     print(f"| round | variant | bs1 tokens/s | bs1 / {baseline} | {key} | batch/bs1 | peak reserved GB |\n"
           "|---|---|---|---|---|---|---|")
     for r in ok:
-        hf = [x for x in ok if x["round"] == r["round"] and x["variant"] == baseline]  # same round's baseline
-        vs = f"{r['bs1_tokens_per_s'] / hf[0]['bs1_tokens_per_s']:.2f}x" if hf else "-"
+        vs = (f"{r['bs1_tokens_per_s'] / base[r['round']]['bs1_tokens_per_s']:.2f}x" if r["round"] in base
+              else "-")
         print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {r[key]} | "
               f"{r[key] / r['bs1_tokens_per_s']:.1f}x | {r['peak_reserved_gb']} |")
-    ratios = []  # each variant / the baseline within a round: the pairs that shared the machine's state most closely
-    for rnd in range(rounds):
-        pair = {r["variant"]: r for r in ok if r["round"] == rnd}
-        for name, r in pair.items():
-            if name != baseline and baseline in pair:
-                ratios.append({"round": rnd, "variant": name, "baseline": baseline,
-                               "bs1": round(r["bs1_tokens_per_s"] / pair[baseline]["bs1_tokens_per_s"], 3),
-                               f"bs{batch}": round(r[key] / pair[baseline][key], 3)})
     for x in ratios:
         print(f"round {x['round']}: {x['variant']} / {baseline} at bs1 {x['bs1']:.2f}x, "
               f"at bs{batch} {x[f'bs{batch}']:.2f}x")

@@ -19,7 +19,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from shapes import ROOT, SHAPES, listed, make_data, make_model, train_flops_per_token  # noqa: E402
+from sftkit.cli import names as listed  # noqa: E402  (comma-separated CLI values)
+from shapes import ROOT, SHAPES, make_data, make_model, train_flops_per_token  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "T4": 65, "A10": 125}  # dense bf16/fp16 spec
 

@@ -38,7 +38,8 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import listed, parse_config, prepared_rows, profiler_counts
+    from shapes import parse_config, prepared_rows, profiler_counts
+    from sftkit.cli import names as listed
 
     choice = choose(backend, "auto")
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)

@@ -42,7 +42,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
         total = torch.cuda.get_device_properties(0).total_memory / GB
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb / total))
     choice = choose(backend, "auto")
-    from shapes import listed
+    from sftkit.cli import names as listed
 
     lens = [int(x) for x in listed(seq_lens)]
     model, tok, _ = load_model(model_dir, max(lens), choice, load_in_4bit=True)

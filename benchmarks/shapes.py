@@ -100,12 +100,6 @@ def parse_config(cfg: str, extra) -> tuple:
     return micro, accum, more
 
 
-def listed(value) -> list:
-    """A comma-separated CLI value as a list of strings: Fire hands `512,2048` over as a tuple of ints."""
-    items = value if isinstance(value, (tuple, list)) else str(value).split(",")
-    return [str(x).strip() for x in items if str(x).strip()]
-
-
 def train_flops_per_token(config: dict, seq: float) -> float:
     """Model FLOPs per trained token for LoRA: forward 2N plus backward through activations 2N (frozen base
     weights need no weight gradients), N being the decoder linears and lm_head, plus attention scores and

@@ -44,7 +44,8 @@ def main(model_dir: str, trainers: str = "2x4,2x4", steps: int = 10, profile_ste
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from shapes import listed, parse_config, prepared_rows
+    from shapes import parse_config, prepared_rows
+    from sftkit.cli import names as listed
 
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,10 @@ TRUE, FALSE = {"true", "yes", "y", "on", "1"}, {"false", "no", "n", "off", "0"}
 
 
 def names(value) -> list:
-    """Comma-separated text (as typed on the command line) or a list (from Python) -> the names in it, stripped,
-    empty entries dropped: 'q_proj, v_proj,' == ['q_proj', 'v_proj']."""
-    items = value.split(",") if isinstance(value, str) else list(value or [])
+    """Comma-separated text (as typed on the command line), a list or tuple (from Python, or from Fire, which
+    hands `512,2048` over as a tuple of ints) or a lone value -> the items as stripped strings, empty entries
+    dropped: 'q_proj, v_proj,' == ['q_proj', 'v_proj'], 2048 == ['2048'], None == []."""
+    items = value if isinstance(value, (tuple, list)) else ("" if value is None else str(value)).split(",")
     return [str(x).strip() for x in items if str(x).strip()]
 
 
