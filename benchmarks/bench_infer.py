@@ -25,13 +25,18 @@ sys.path.insert(0, str(HERE))
 # float32); "served" as infer.py puts a saved adapter on (a plain peft wrapper, nothing else changed); "merged"
 # is then folded into the 4-bit weights (infer.py --merge_adapter); "none" decodes the bare base model.
 # "hf-static" asks for transformers' static KV cache (its generate compiles the decode step into CUDA graphs
-# where the model allows; Unsloth's generate forces a dynamic cache).
+# where the model allows; Unsloth's generate forces a dynamic cache), which transformers refuses for bitsandbytes
+# 4-bit; "compiled" lets it (sftkit.generate.compiled_decoding).
 VARIANTS = {"unsloth": ("unsloth", False, "lora", {}), "unsloth-cudnn": ("unsloth", True, "lora", {}),
             "hf": ("hf", True, "lora", {}), "hf-sftkit": ("hf", False, "lora", {}),
             "unsloth-served": ("unsloth", False, "served", {}), "hf-served": ("hf", True, "served", {}),
             "unsloth-merged": ("unsloth", False, "merged", {}), "hf-merged": ("hf", True, "merged", {}),
             "unsloth-base": ("unsloth", False, "none", {}), "hf-base": ("hf", True, "none", {}),
-            "hf-static": ("hf", True, "lora", {"cache_implementation": "static"})}
+            "hf-static": ("hf", True, "lora", {"cache_implementation": "static"}),
+            "hf-graphs": ("hf", True, "served", {"compiled": "inductor"}),
+            "hf-cudagraphs": ("hf", True, "served", {"compiled": "cudagraphs"}),
+            "hf-merged-graphs": ("hf", True, "merged", {"compiled": "inductor"}),
+            "hf-merged-cudagraphs": ("hf", True, "merged", {"compiled": "cudagraphs"})}
 
 
 def decode_profile(model, enc, tokens: int, pad_token_id: int, extra: dict) -> dict:
@@ -68,6 +73,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     import torch
 
     backend, cudnn, adapter, extra = VARIANTS[variant]
+    extra = dict(extra)
     choice = choose(backend, "auto", cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     merge_s = None
@@ -87,6 +93,10 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
             model = merge_adapter(model)
             merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
+    if "compiled" in extra:
+        from sftkit.generate import compiled_decoding
+
+        extra.update(compiled_decoding(model, extra.pop("compiled")))
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
     tok.padding_side = "left"
@@ -106,16 +116,18 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
         produced = (outp.shape[1] - enc["input_ids"].shape[1]) * len(texts)
         return produced, time.perf_counter() - t0
 
-    timed(prompts[:1])  # warm-up: kernels compiled, caches allocated
-    timed(prompts)
+    # Each batch size is warmed up right before it is timed: kernels (and, compiled, graphs) built, caches allocated.
+    # A compiled decode step is specialised to its batch size and cache length, so switching sizes recompiles.
+    first = [timed(prompts[:1])[1]]
     single = [timed(prompts[:1]) for _ in range(repeats)]
+    first.append(timed(prompts)[1])
     many = [timed(prompts) for _ in range(repeats)]
     res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
            "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
            f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
            "bs1_each": [round(n / t, 1) for n, t in single],
            "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-           "merge_s": merge_s}
+           "merge_s": merge_s, "first_bs1_s": round(first[0], 1), f"first_bs{batch}_s": round(first[1], 1)}
     if profile_tokens and cuda:
         res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
                                             profile_tokens, tok.pad_token_id, extra)

@@ -136,6 +136,39 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
 
 
+_COMPILEABLE = {}  # quantizer class -> its subclass that lets generate compile the decode step
+
+
+def compiled_decoding(model, backend: str = "inductor") -> dict:
+    """generate() arguments that decode with a static KV cache, which lets transformers compile the one-token
+    step with torch.compile into CUDA graphs (its own path: the prompt runs eagerly, every later token replays a
+    graph). Batch-1 decoding is bound by launching ~2,000 small kernels per token; a graph launches them at once.
+    The first generate of each batch size pays for compiling. backend "inductor" also fuses kernels (slow to
+    compile); "cudagraphs" only records the eager kernels into graphs."""
+    import torch
+    from transformers import CompileConfig
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(base, "hf_quantizer", None)
+    if quantizer is not None and not quantizer.is_compileable:
+        import bitsandbytes
+        from packaging.version import Version
+
+        # transformers 5.17 says bitsandbytes 4-bit cannot be compiled and then decodes eagerly, but
+        # bitsandbytes >= 0.47 registers its 4-bit ops for torch.compile (whole graphs from torch 2.8):
+        # on the tiny model the compiled decode gives the same greedy tokens as eager decoding (tests).
+        torch_version = Version(torch.__version__.split("+")[0])
+        if Version(bitsandbytes.__version__) < Version("0.47") or torch_version < Version("2.8"):
+            raise UserError(f"compiled decoding of a 4-bit model needs bitsandbytes >= 0.47 and torch >= 2.8 (found "
+                            f"{bitsandbytes.__version__}, {torch.__version__}): upgrade them, or drop the option.")
+        cls = type(quantizer)
+        if cls not in _COMPILEABLE:
+            _COMPILEABLE[cls] = type(cls.__name__, (cls,), {"is_compileable": property(lambda self: True)})
+        quantizer.__class__ = _COMPILEABLE[cls]
+    config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def read_prompts(input_file: str) -> list:
     """The rows of a JSONL prompt file, each checked here so that a bad line is named by its number (and is
     found before the model loads, when infer.py calls this first)."""

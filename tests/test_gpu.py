@@ -174,3 +174,40 @@ def test_fast_mode_plans_on_the_gpu_and_resume_continues(tmp_path):
     assert [rec["fast"][k] for k in keys] == [plan[k] for k in keys]  # re-planned alike (reason names free memory)
     assert rec["resumed_from"].endswith("checkpoint-4")
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))
+
+
+COMPILED_VS_EAGER = """
+import json, sys, torch
+from sftkit.generate import compiled_decoding, open_generator
+g = open_generator(sys.argv[1], backend="hf", max_new_tokens=12)
+ids = torch.tensor([g.prompt_ids("비밀번호를 안전하게 만드는 방법은?")], device=g.device)
+gen = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, pad_token_id=g.gen["pad_token_id"],
+           output_logits=True, return_dict_in_generate=True)
+with torch.inference_mode():
+    eager = g.model.generate(input_ids=ids, **gen)
+    kw = compiled_decoding(g.model)
+    runs = [g.model.generate(input_ids=ids, **gen, **kw) for _ in range(2)]  # the second replays the graphs
+e = torch.stack(eager.logits).float()
+print(json.dumps({"compiled": hasattr(g.model.get_base_model(), "_compiled_call"),
+                  "same_tokens": [torch.equal(eager.sequences, r.sequences) for r in runs],
+                  "rel_diff": [((torch.stack(r.logits).float() - e).norm() / e.norm()).item() for r in runs]}))
+"""
+
+
+def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path):
+    """compiled_decoding lets transformers compile the 4-bit decode step into CUDA graphs (it refuses bitsandbytes
+    on its own). In a process of its own: Unsloth, imported by the other tests, patches transformers' Llama."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "compiled.py"
+    script.write_text(COMPILED_VS_EAGER)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), unsloth_run], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    print(res)
+    assert res["compiled"] and all(res["same_tokens"])
+    assert max(res["rel_diff"]) < 0.02  # bf16 kernels fused differently: close, not bit-identical
