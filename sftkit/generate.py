@@ -95,9 +95,9 @@ class Generator:
 
 def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpaca_ko", backend: str = "auto",
                    dtype: str = "auto", load_in_4bit: bool = True, max_seq_length: int = 0,
-                   merge_adapter: bool = False, **gen) -> Generator:
+                   merge_adapter: bool = False, cuda_graphs: bool = False, **gen) -> Generator:
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
-    named template."""
+    named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers)."""
     if adapter:
         record = run.read_record(adapter)
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -119,6 +119,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
+    if cuda_graphs:
+        backend = graphs_backend(backend)
     choice = choose(backend, dtype)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
     if template.kind == "chat":
@@ -133,18 +135,41 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
             log.info("adapter merged into the base weights%s", " (re-quantized to 4-bit: answers may differ "
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
     model = for_inference(model, choice)
+    if cuda_graphs and choice.device.startswith("cuda"):
+        # One cache length for the whole session (the run's max_seq_length), so that a longer prompt does not
+        # compile the step again; a new batch size still does (batch mode's last, smaller batch).
+        gen.update(compiled_decoding(model, max_cache_len=max_seq_length or 2048))
+        log.info("--cuda_graphs: decoding through CUDA graphs with a static KV cache of %d tokens; the first answer "
+                 "(and each new batch size) compiles first, about 30-50 s for an 8B model", max_seq_length or 2048)
+    elif cuda_graphs:
+        log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
+
+
+GRAPHS_NEED_HF = ("--cuda_graphs decodes through transformers' static KV cache, which Unsloth's fast generation "
+                  "replaces with its own: use --backend auto (or hf) with --cuda_graphs, or drop --cuda_graphs.")
+
+
+def graphs_backend(backend: str) -> str:
+    """The backend that decodes with --cuda_graphs: plain transformers (Unsloth's for_inference cannot)."""
+    if backend == "unsloth":
+        raise UserError(GRAPHS_NEED_HF)
+    if backend == "auto":
+        log.info("--cuda_graphs: loading with plain transformers (Unsloth's fast generation keeps its own cache, "
+                 "which cannot be compiled)")
+    return "hf"
 
 
 _COMPILEABLE = {}  # quantizer class -> its subclass that lets generate compile the decode step
 
 
-def compiled_decoding(model, backend: str = "inductor") -> dict:
+def compiled_decoding(model, backend: str = "inductor", max_cache_len: int = 0) -> dict:
     """generate() arguments that decode with a static KV cache, which lets transformers compile the one-token
     step with torch.compile into CUDA graphs (its own path: the prompt runs eagerly, every later token replays a
     graph). Batch-1 decoding is bound by launching ~2,000 small kernels per token; a graph launches them at once.
     The first generate of each batch size pays for compiling. backend "inductor" also fuses kernels (slow to
-    compile); "cudagraphs" only records the eager kernels into graphs."""
+    compile); "cudagraphs" only records the eager kernels into graphs. `max_cache_len` (0: each call's prompt plus
+    max_new_tokens) sizes the cache once for every later call: a cache of a new length compiles the step again."""
     import torch
     from transformers import CompileConfig
 
@@ -166,7 +191,8 @@ def compiled_decoding(model, backend: str = "inductor") -> dict:
             _COMPILEABLE[cls] = type(cls.__name__, (cls,), {"is_compileable": property(lambda self: True)})
         quantizer.__class__ = _COMPILEABLE[cls]
     config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
-    return {"cache_implementation": "static", "compile_config": config}
+    kwargs = {"cache_implementation": "static", "compile_config": config}
+    return {**kwargs, "max_cache_len": max_cache_len} if max_cache_len else kwargs
 
 
 def read_prompts(input_file: str) -> list:

@@ -1,0 +1,54 @@
+"""--cuda_graphs: transformers' compiled decoding, allowed for bitsandbytes 4-bit. The speed is a GPU matter
+(benchmarks/bench_infer.py); here, on a CPU, that the 4-bit + LoRA decode step traces as one graph and decodes
+the same tokens, and that the option's argument checks come before any model loads."""
+
+import logging
+
+import pytest
+
+from conftest import TINY
+from sftkit.errors import UserError
+from sftkit.generate import compiled_decoding, open_generator
+
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_4bit_lora_decode_step_compiles_whole_and_keeps_the_tokens():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(TINY, quantization_config=q, dtype=torch.bfloat16)  # CPU bnb
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=MODULES, init_lora_weights=False)).eval()
+    base = lora.get_base_model()
+    assert not base.hf_quantizer.is_compileable  # what transformers says on its own, so it would decode eagerly
+    ids = AutoTokenizer.from_pretrained(TINY)("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"]
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        eager = lora.generate(input_ids=ids, **gen)
+        kw = compiled_decoding(lora, backend="eager", max_cache_len=64)  # eager backend: no C++ compiler needed
+        kw["compile_config"].fullgraph = True  # a graph break anywhere in the step is an error, not a fallback
+        kw["compile_config"]._compile_all_devices = True  # transformers compiles on accelerators only unless told
+        compiled = lora.generate(input_ids=ids, **gen, **kw)
+    assert base.hf_quantizer.is_compileable and hasattr(base, "_compiled_call")
+    assert torch.equal(eager, compiled)
+
+
+def test_cuda_graphs_refuse_the_unsloth_backend_before_loading(monkeypatch):
+    import sftkit.generate
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the argument check")
+
+    monkeypatch.setattr(sftkit.generate, "load_model", no_load)
+    with pytest.raises(UserError, match="use --backend auto"):
+        open_generator(model_name=TINY, backend="unsloth", cuda_graphs=True)
+
+
+def test_cuda_graphs_on_a_cpu_loads_with_transformers_and_says_it_decodes_eagerly(caplog):
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        g = open_generator(model_name=TINY, cuda_graphs=True, max_new_tokens=4)
+    assert g.choice.backend == "hf" and "compile_config" not in g.gen
+    assert "no CUDA GPU, so decoding runs eagerly" in caplog.text
+    assert g.answer("안녕하세요")["tokens"] == 4
