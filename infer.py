@@ -70,8 +70,8 @@ def infer(
       load_in_4bit: load the base in 4-bit on a GPU (taken from run.json with --adapter).
       max_seq_length: context length (0 = the run's, or 2048).
       merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
-      cuda_graphs: GPU: compile decoding into CUDA graphs (plain transformers; ~5x faster per token at batch 1
-        on an 8B model, after a first answer that compiles for 30-50 s).
+      cuda_graphs: GPU: decode through CUDA graphs (plain transformers; on an 8B model ~3x Unsloth's tokens/s at
+        batch 1, after a first answer that compiles for 25-65 s).
     """
     if not (instruction or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
