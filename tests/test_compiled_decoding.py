@@ -18,13 +18,18 @@ def test_4bit_lora_decode_step_compiles_whole_and_keeps_the_tokens():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(TINY, quantization_config=q, dtype=torch.bfloat16)  # CPU bnb
+    # float32 compute: the static cache's masked attention over 64 slots sums in another order than the
+    # dynamic cache's, which in bf16 can flip a near-tied greedy token of this random model; the question here is
+    # whether the step compiles whole and computes the same thing.
+    torch.manual_seed(0)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(TINY, quantization_config=q, dtype=torch.float32)  # CPU bnb
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=MODULES, init_lora_weights=False)).eval()
     base = lora.get_base_model()
     assert not base.hf_quantizer.is_compileable  # what transformers says on its own, so it would decode eagerly
     ids = AutoTokenizer.from_pretrained(TINY)("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"]
-    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+    gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+               return_dict_in_generate=True)
     with torch.inference_mode():
         eager = lora.generate(input_ids=ids, **gen)
         kw = compiled_decoding(lora, backend="eager", max_cache_len=64)  # eager backend: no C++ compiler needed
@@ -32,7 +37,9 @@ def test_4bit_lora_decode_step_compiles_whole_and_keeps_the_tokens():
         kw["compile_config"]._compile_all_devices = True  # transformers compiles on accelerators only unless told
         compiled = lora.generate(input_ids=ids, **gen, **kw)
     assert base.hf_quantizer.is_compileable and hasattr(base, "_compiled_call")
-    assert torch.equal(eager, compiled)
+    assert torch.equal(eager.sequences, compiled.sequences)
+    e, c = torch.stack(eager.logits), torch.stack(compiled.logits)
+    assert ((c - e).norm() / e.norm()).item() < 1e-3  # measured 1.7e-4
 
 
 def test_cuda_graphs_refuse_the_unsloth_backend_before_loading(monkeypatch):
