@@ -38,6 +38,7 @@ class Generator:
         self.gen["eos_token_id"] = stop_ids
         self.gen["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
         self.stop_ids = set(stop_ids)
+        self.compiled = "compile_config" in self.gen  # --cuda_graphs: each new batch size compiles the step again
 
     @property
     def device(self):
@@ -137,7 +138,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     model = for_inference(model, choice)
     if cuda_graphs and choice.device.startswith("cuda"):
         # One cache length for the whole session (the run's max_seq_length), so that a longer prompt does not
-        # compile the step again; a new batch size still does (batch mode's last, smaller batch).
+        # compile the step again; a new batch size still does (run_batch pads its last batch for that reason).
         gen.update(compiled_decoding(model, max_cache_len=max_seq_length or 2048))
         log.info("--cuda_graphs: decoding through CUDA graphs with a static KV cache of %d tokens; the first answer "
                  "(and each new batch size) compiles first: 25-65 s for an 8B model on an H100", max_seq_length or 2048)
@@ -247,11 +248,15 @@ def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int =
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
     if done:
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
+    width = min(batch_size, len(todo))
     with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            answers = g.answer_batch([r for _, r in chunk])
-            base = g.answer_batch([r for _, r in chunk], base=True) if compare_base else None
+            # A compiled decode step is specialised to its batch size: the last, smaller batch is padded with
+            # copies of its last row (answers dropped) rather than compiled again (~100 s for an 8B model).
+            batch = [r for _, r in chunk] + [chunk[-1][1]] * (width - len(chunk) if g.compiled else 0)
+            answers = g.answer_batch(batch)[:len(chunk)]
+            base = g.answer_batch(batch, base=True)[:len(chunk)] if compare_base else None
             for k, ((i, r), a) in enumerate(zip(chunk, answers)):
                 out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
                 if base:

@@ -65,6 +65,24 @@ def test_batch_resumes_without_duplicates(gen, tmp_path):
         run_batch(gen, str(bad), str(tmp_path / "o.jsonl"))
 
 
+def test_compiled_batches_keep_one_size_and_drop_the_padding(gen, tmp_path, monkeypatch):
+    """With --cuda_graphs a new batch size compiles the decode step again, so the last, smaller batch is padded
+    to the others' size with copies of its last row, whose answers are not written."""
+    sizes, real = [], gen.answer_batch
+
+    def spy(rows, base=False):
+        sizes.append(len(rows))
+        return real(rows, base)
+
+    monkeypatch.setattr(gen, "answer_batch", spy)
+    monkeypatch.setattr(gen, "compiled", True)
+    src = write_jsonl(tmp_path / "q.jsonl", ROWS + [{"instruction": "x"}])
+    assert run_batch(gen, src, str(tmp_path / "a.jsonl"), batch_size=2) == 5
+    got = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sizes == [2, 2, 2] and [r["_row"] for r in got] == [0, 1, 2, 3, 4]
+    assert got[4]["instruction"] == "x" and got[4]["answer"] == gen.answer("x")["answer"]
+
+
 def test_compare_base_prints_both(memorized, gen):
     out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", memorized, "--instruction",
                           ROWS[0]["instruction"], "--compare_base", "--max_new_tokens", "48"],
