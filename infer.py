@@ -7,7 +7,8 @@
     python infer.py --model_name unsloth/Meta-Llama-3.1-8B --prompt alpaca_ko --instruction "..."
 
 The base model, template, max_seq_length and 4-bit setting come from the run's run.json. On a GPU with
-Unsloth, generation uses FastLanguageModel.for_inference; elsewhere plain transformers generate.
+Unsloth, generation uses FastLanguageModel.for_inference; elsewhere plain transformers generate, which
+--cuda_graphs on a GPU compiles into CUDA graphs (static KV cache).
 """
 
 import logging
@@ -70,8 +71,7 @@ def infer(
       load_in_4bit: load the base in 4-bit on a GPU (taken from run.json with --adapter).
       max_seq_length: context length (0 = the run's, or 2048).
       merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
-      cuda_graphs: GPU: decode through CUDA graphs (plain transformers; on an 8B model ~3x Unsloth's tokens/s at
-        batch 1, after a first answer that compiles for 25-65 s).
+      cuda_graphs: GPU: decode through CUDA graphs (plain transformers; faster per token once compiled, see README).
     """
     if not (instruction or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")

@@ -120,8 +120,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
-    if cuda_graphs:
-        backend = graphs_backend(backend)
+    if cuda_graphs:  # before the (slow) model load
+        backend = graphs_backend(backend, load_in_4bit)
     choice = choose(backend, dtype)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
     if template.kind == "chat":
@@ -137,28 +137,48 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
     model = for_inference(model, choice)
     if cuda_graphs and choice.device.startswith("cuda"):
-        # One cache length for the whole session (the run's max_seq_length), so that a longer prompt does not
-        # compile the step again; a new batch size still does (run_batch pads its last batch for that reason).
-        gen.update(compiled_decoding(model, max_cache_len=max_seq_length or 2048))
+        # The cache is allocated whole (KV for every slot), so it starts at most GRAPH_CACHE tokens long; batch
+        # mode sizes it to its prompts. A prompt that outgrows it makes transformers allocate a longer cache,
+        # which the compiled step sees as new and compiles again.
+        cache = min(max_seq_length or 2048, GRAPH_CACHE)
+        gen.update(compiled_decoding(model, max_cache_len=cache))
         log.info("--cuda_graphs: decoding through CUDA graphs with a static KV cache of %d tokens; the first answer "
-                 "(and each new batch size) compiles first: 25-65 s for an 8B model on an H100", max_seq_length or 2048)
+                 "compiles first (8B model, H100: 25-65 s), and so does each new batch size or longer cache", cache)
     elif cuda_graphs:
         log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
 
 
+GRAPH_CACHE = 2048  # tokens of static KV cache --cuda_graphs starts with (8B: 0.27 GB per row)
 GRAPHS_NEED_HF = ("--cuda_graphs decodes through transformers' static KV cache, which Unsloth's fast generation "
                   "replaces with its own: use --backend auto (or hf) with --cuda_graphs, or drop --cuda_graphs.")
 
 
-def graphs_backend(backend: str) -> str:
-    """The backend that decodes with --cuda_graphs: plain transformers (Unsloth's for_inference cannot)."""
+def graphs_backend(backend: str, load_in_4bit: bool = True) -> str:
+    """The backend that decodes with --cuda_graphs: plain transformers (Unsloth's for_inference cannot). Checks,
+    before anything loads, that this torch and bitsandbytes can compile a 4-bit model."""
+    import torch
+
     if backend == "unsloth":
         raise UserError(GRAPHS_NEED_HF)
+    if load_in_4bit and torch.cuda.is_available():
+        check_4bit_compile()
     if backend == "auto":
         log.info("--cuda_graphs: loading with plain transformers (Unsloth's fast generation keeps its own cache, "
                  "which cannot be compiled)")
-    return "hf"
+        return "hf"
+    return backend  # hf, or a typo that choose() names
+
+
+def check_4bit_compile():
+    import bitsandbytes
+    import torch
+    from packaging.version import Version
+
+    # bitsandbytes registers its 4-bit ops for torch.compile from 0.47, whole graphs with torch 2.8.
+    if Version(bitsandbytes.__version__) < Version("0.47") or Version(torch.__version__.split("+")[0]) < Version("2.8"):
+        raise UserError(f"--cuda_graphs on a 4-bit model needs bitsandbytes >= 0.47 and torch >= 2.8 (found "
+                        f"{bitsandbytes.__version__}, {torch.__version__}): upgrade them, or drop --cuda_graphs.")
 
 
 _COMPILEABLE = {}  # quantizer class -> its subclass that lets generate compile the decode step
@@ -167,30 +187,26 @@ _COMPILEABLE = {}  # quantizer class -> its subclass that lets generate compile 
 def compiled_decoding(model, backend: str = "inductor", max_cache_len: int = 0) -> dict:
     """generate() arguments that decode with a static KV cache, which lets transformers compile the one-token
     step with torch.compile into CUDA graphs (its own path: the prompt runs eagerly, every later token replays a
-    graph). Batch-1 decoding is bound by launching ~2,000 small kernels per token; a graph launches them at once.
-    The first generate of each batch size pays for compiling. backend "inductor" also fuses kernels (slow to
-    compile); "cudagraphs" only records the eager kernels into graphs. `max_cache_len` (0: each call's prompt plus
-    max_new_tokens) sizes the cache once for every later call: a cache of a new length compiles the step again."""
-    import torch
+    graph). Batch-1 decoding is bound by launching 2,000-3,000 small kernels per token; a graph launches them at
+    once. The first generate of each batch size pays for compiling. backend "inductor" also fuses kernels (slow
+    to compile); "cudagraphs" only records the eager kernels into graphs. `max_cache_len` (0: each call's prompt
+    plus max_new_tokens) sizes the cache for later calls too: a cache of a new length compiles the step again."""
     from transformers import CompileConfig
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     quantizer = getattr(base, "hf_quantizer", None)
-    if quantizer is not None and not quantizer.is_compileable:
-        import bitsandbytes
-        from packaging.version import Version
-
-        # transformers 5.17 says bitsandbytes 4-bit cannot be compiled and then decodes eagerly, but
-        # bitsandbytes >= 0.47 registers its 4-bit ops for torch.compile (whole graphs from torch 2.8):
-        # on the tiny model the compiled decode gives the same greedy tokens as eager decoding (tests).
-        torch_version = Version(torch.__version__.split("+")[0])
-        if Version(bitsandbytes.__version__) < Version("0.47") or torch_version < Version("2.8"):
-            raise UserError(f"compiled decoding of a 4-bit model needs bitsandbytes >= 0.47 and torch >= 2.8 (found "
-                            f"{bitsandbytes.__version__}, {torch.__version__}): upgrade them, or drop the option.")
+    if isinstance(quantizer, Bnb4BitHfQuantizer) and not quantizer.is_compileable:
+        # transformers 5.17 says bitsandbytes 4-bit cannot be compiled and then decodes eagerly, but bitsandbytes
+        # can (check_4bit_compile): on the tiny model the compiled decode gives the eager greedy tokens (tests).
+        check_4bit_compile()
         cls = type(quantizer)
         if cls not in _COMPILEABLE:
-            _COMPILEABLE[cls] = type(cls.__name__, (cls,), {"is_compileable": property(lambda self: True)})
+            _COMPILEABLE[cls] = type(cls.__name__ + "Compileable", (cls,), {"is_compileable": property(lambda _: True)})
         quantizer.__class__ = _COMPILEABLE[cls]
+    elif quantizer is not None and not quantizer.is_compileable:
+        log.info("--cuda_graphs: transformers does not compile %s models, so decoding stays eager",
+                 type(quantizer).__name__)
     config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
     kwargs = {"cache_implementation": "static", "compile_config": config}
     return {**kwargs, "max_cache_len": max_cache_len} if max_cache_len else kwargs
@@ -249,6 +265,9 @@ def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int =
     if done:
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
     width = min(batch_size, len(todo))
+    if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
+        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""))) for _, r in todo)
+        g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
     with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

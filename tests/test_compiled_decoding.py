@@ -27,7 +27,8 @@ def test_4bit_lora_decode_step_compiles_whole_and_keeps_the_tokens():
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=MODULES, init_lora_weights=False)).eval()
     base = lora.get_base_model()
     assert not base.hf_quantizer.is_compileable  # what transformers says on its own, so it would decode eagerly
-    ids = AutoTokenizer.from_pretrained(TINY)("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"]
+    tok = AutoTokenizer.from_pretrained(TINY)
+    ids = tok("### 지시문:\n안녕하세요\n\n### 응답:\n", return_tensors="pt")["input_ids"]
     gen = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
                return_dict_in_generate=True)
     with torch.inference_mode():
@@ -51,6 +52,8 @@ def test_cuda_graphs_refuse_the_unsloth_backend_before_loading(monkeypatch):
     monkeypatch.setattr(sftkit.generate, "load_model", no_load)
     with pytest.raises(UserError, match="use --backend auto"):
         open_generator(model_name=TINY, backend="unsloth", cuda_graphs=True)
+    with pytest.raises(UserError, match="--backend 'hff' is not one of"):  # not silently turned into hf
+        open_generator(model_name=TINY, backend="hff", cuda_graphs=True)
 
 
 def test_cuda_graphs_on_a_cpu_loads_with_transformers_and_says_it_decodes_eagerly(caplog):

@@ -230,7 +230,7 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path):
                                *extra], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         answers[name] = [json.loads(line)["answer"] for line in dst.read_text(encoding="utf-8").splitlines()]
-        if name == "graphs":
-            assert "decoding through CUDA graphs" in done.stderr
+        if name == "graphs":  # and transformers did not fall back to eager decoding
+            assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr
     print(answers)
     assert len(answers["graphs"]) == 5 and answers["graphs"] == answers["eager"]

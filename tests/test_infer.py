@@ -75,12 +75,18 @@ def test_compiled_batches_keep_one_size_and_drop_the_padding(gen, tmp_path, monk
         return real(rows, base)
 
     monkeypatch.setattr(gen, "answer_batch", spy)
-    monkeypatch.setattr(gen, "compiled", True)
     src = write_jsonl(tmp_path / "q.jsonl", ROWS + [{"instruction": "x"}])
+    assert not gen.compiled  # no compile_config in its generate arguments: batches are as they come
+    assert run_batch(gen, src, str(tmp_path / "eager.jsonl"), batch_size=2) == 5 and sizes == [2, 2, 1]
+    sizes.clear()
+    monkeypatch.setattr(gen, "compiled", True)
+    monkeypatch.setattr(gen, "gen", dict(gen.gen))  # run_batch sizes the cache there; restored after the test
     assert run_batch(gen, src, str(tmp_path / "a.jsonl"), batch_size=2) == 5
     got = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sizes == [2, 2, 2] and [r["_row"] for r in got] == [0, 1, 2, 3, 4]
     assert got[4]["instruction"] == "x" and got[4]["answer"] == gen.answer("x")["answer"]
+    longest = max(len(gen.prompt_ids(r["instruction"])) for r in ROWS) + 48  # prompt + max_new_tokens
+    assert gen.gen["max_cache_len"] % 256 == 0 and longest <= gen.gen["max_cache_len"] < longest + 256
 
 
 def test_compare_base_prints_both(memorized, gen):
