@@ -87,11 +87,12 @@ def attention_kernels(cudnn_attention: bool) -> str:
     return "; cuDNN attention off (it re-plans for every new sequence length)"
 
 
-def choose(backend: str = "auto", dtype: str = "auto", cudnn_attention: bool = False) -> Choice:
+def choose(backend: str = "auto", dtype: str = "auto", cudnn_attention: bool = False, hf_because: str = "") -> Choice:
     """Picks backend, device and dtype, logs them with the reason in one line, and returns the choice.
 
     On the Unsloth path this imports unsloth, which must happen before transformers, trl or peft are used.
     `cudnn_attention` False keeps PyTorch from picking cuDNN attention kernels (see attention_kernels).
+    `hf_because`: why the caller turned the user's --backend auto into hf (the reason logged instead of theirs).
     """
     import torch
 
@@ -109,7 +110,7 @@ def choose(backend: str = "auto", dtype: str = "auto", cudnn_attention: bool = F
 
     why = ""
     if backend == "hf":
-        chosen, why = "hf", "--backend hf asked for"
+        chosen, why = "hf", hf_because or "--backend hf asked for"
     elif not cuda:
         if backend == "unsloth":
             raise UserError("--backend unsloth needs an NVIDIA GPU (Unsloth refuses to import without one). "

@@ -120,9 +120,10 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
+    because = ""
     if cuda_graphs:  # before the (slow) model load
-        backend = graphs_backend(backend, load_in_4bit)
-    choice = choose(backend, dtype)
+        backend, because = graphs_backend(backend, load_in_4bit)
+    choice = choose(backend, dtype, hf_because=because)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
     if template.kind == "chat":
         tokenizer.chat_template = template.text
@@ -154,9 +155,9 @@ GRAPHS_NEED_HF = ("--cuda_graphs decodes through transformers' static KV cache, 
                   "replaces with its own: use --backend auto (or hf) with --cuda_graphs, or drop --cuda_graphs.")
 
 
-def graphs_backend(backend: str, load_in_4bit: bool = True) -> str:
-    """The backend that decodes with --cuda_graphs: plain transformers (Unsloth's for_inference cannot). Checks,
-    before anything loads, that this torch and bitsandbytes can compile a 4-bit model."""
+def graphs_backend(backend: str, load_in_4bit: bool = True) -> tuple[str, str]:
+    """(backend, why) for --cuda_graphs: plain transformers (Unsloth's for_inference cannot decode through
+    graphs). Checks, before anything loads, that this torch and bitsandbytes can compile a 4-bit model."""
     import torch
 
     if backend == "unsloth":
@@ -164,10 +165,9 @@ def graphs_backend(backend: str, load_in_4bit: bool = True) -> str:
     if load_in_4bit and torch.cuda.is_available():
         check_4bit_compile()
     if backend == "auto":
-        log.info("--cuda_graphs: loading with plain transformers (Unsloth's fast generation keeps its own cache, "
-                 "which cannot be compiled)")
-        return "hf"
-    return backend  # hf, or a typo that choose() names
+        return "hf", ("--cuda_graphs decodes with plain transformers (Unsloth's fast generation keeps its own KV "
+                      "cache, which cannot be compiled)")
+    return backend, ""  # hf, or a typo that choose() names
 
 
 def check_4bit_compile():

@@ -61,4 +61,5 @@ def test_cuda_graphs_on_a_cpu_loads_with_transformers_and_says_it_decodes_eagerl
         g = open_generator(model_name=TINY, cuda_graphs=True, max_new_tokens=4)
     assert g.choice.backend == "hf" and "compile_config" not in g.gen
     assert "no CUDA GPU, so decoding runs eagerly" in caplog.text
+    assert "backend=hf device=cpu (CPU) dtype=fp32 because --cuda_graphs decodes with plain transformers" in caplog.text
     assert g.answer("안녕하세요")["tokens"] == 4
