@@ -213,9 +213,11 @@ def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path
     assert max(res["rel_diff"]) < 0.02  # bf16 kernels fused differently: close, not bit-identical
 
 
-def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path):
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, merged):
     """infer.py --cuda_graphs end to end on the GPU: a file of 5 prompts in batches of 2 (the last padded), the
-    same answers as eager plain-transformers decoding, and the log says how it decodes."""
+    same answers as eager plain-transformers decoding of the same weights (adapter, or merged into the 4-bit
+    base), and the log says how it decodes."""
     import subprocess
     import sys
 
@@ -223,7 +225,8 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path):
     rows = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:5]]
     src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": r["instruction"]} for r in rows])
     answers = {}
-    for name, extra in (("eager", ["--backend", "hf"]), ("graphs", ["--cuda_graphs"])):
+    merge = ["--merge_adapter"] if merged else []
+    for name, extra in (("eager", ["--backend", "hf", *merge]), ("graphs", ["--cuda_graphs", *merge])):
         dst = tmp_path / f"{name}.jsonl"
         done = subprocess.run([sys.executable, str(root / "infer.py"), "--adapter", unsloth_run, "--input_file",
                                str(src), "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "12",
