@@ -102,7 +102,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     if "compiled" in extra:
         from sftkit.generate import compiled_decoding
 
-        # The cache length infer.py --cuda_graphs uses (the run's max_seq_length), so later prompts reuse the graph.
+        # The cache length infer.py --cuda_graphs starts a chat with, so later prompts reuse the graph.
         extra.update(compiled_decoding(model, extra.pop("compiled"), max_cache_len=2048))
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]

@@ -49,7 +49,8 @@ class Generator:
         if not str(instruction).strip():
             raise UserError("empty prompt: pass --instruction 'your question' (and optionally --input).")
         if self.template.kind == "chat":
-            messages = list(history or []) + [{"role": "user", "content": instruction + (f"\n\n{input}" if input else "")}]
+            turn = instruction + (f"\n\n{input}" if input else "")
+            messages = list(history or []) + [{"role": "user", "content": turn}]
             return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"]
         return self.tok(prompts.render(self.template, {"instruction": instruction, "input": input}))["input_ids"]
@@ -142,15 +143,18 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
         # mode sizes it to its prompts. A prompt that outgrows it makes transformers allocate a longer cache,
         # which the compiled step sees as new and compiles again.
         cache = min(max_seq_length or 2048, GRAPH_CACHE)
-        gen.update(compiled_decoding(model, max_cache_len=cache))
-        log.info("--cuda_graphs: decoding through CUDA graphs with a static KV cache of %d tokens; the first answer "
-                 "compiles first (8B model, H100: 25-65 s), and so does each new batch size or longer cache", cache)
+        compiled = compiled_decoding(model, max_cache_len=cache)
+        gen.update(compiled)
+        if compiled:
+            log.info("--cuda_graphs: decoding through CUDA graphs with a static KV cache of %d tokens; the first "
+                     "answer compiles first (8B model, H100: 24-63 s), and so does each new batch size or longer "
+                     "cache", cache)
     elif cuda_graphs:
         log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
 
 
-GRAPH_CACHE = 2048  # tokens of static KV cache --cuda_graphs starts with (8B: 0.27 GB per row)
+GRAPH_CACHE = 2048  # tokens of static KV cache --cuda_graphs starts with (8B: 268 MB per row)
 GRAPHS_NEED_HF = ("--cuda_graphs decodes through transformers' static KV cache, which Unsloth's fast generation "
                   "replaces with its own: use --backend auto (or hf) with --cuda_graphs, or drop --cuda_graphs.")
 
@@ -185,12 +189,13 @@ _COMPILEABLE = {}  # quantizer class -> its subclass that lets generate compile 
 
 
 def compiled_decoding(model, backend: str = "inductor", max_cache_len: int = 0) -> dict:
-    """generate() arguments that decode with a static KV cache, which lets transformers compile the one-token
-    step with torch.compile into CUDA graphs (its own path: the prompt runs eagerly, every later token replays a
-    graph). Batch-1 decoding is bound by launching 2,000-3,000 small kernels per token; a graph launches them at
-    once. The first generate of each batch size pays for compiling. backend "inductor" also fuses kernels (slow
-    to compile); "cudagraphs" only records the eager kernels into graphs. `max_cache_len` (0: each call's prompt
-    plus max_new_tokens) sizes the cache for later calls too: a cache of a new length compiles the step again."""
+    """generate() arguments ({} where transformers cannot compile this model's quantizer) that decode with a
+    static KV cache, which lets transformers compile the one-token step with torch.compile into CUDA graphs (its
+    own path: the prompt runs eagerly, every later token replays a graph). Batch-1 decoding is bound by
+    launching 2,200-3,100 small kernels per token; a graph launches them at once. The first generate of each
+    batch size pays for compiling. backend "inductor" also fuses kernels (slow to compile); "cudagraphs" only
+    records the eager kernels into graphs. `max_cache_len` (0: each call's prompt plus max_new_tokens) sizes the
+    cache for later calls too: a cache of a new length compiles the step again."""
     from transformers import CompileConfig
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
@@ -207,6 +212,7 @@ def compiled_decoding(model, backend: str = "inductor", max_cache_len: int = 0) 
     elif quantizer is not None and not quantizer.is_compileable:
         log.info("--cuda_graphs: transformers does not compile %s models, so decoding stays eager",
                  type(quantizer).__name__)
+        return {}  # nor a static cache: it would only cost memory
     config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
     kwargs = {"cache_implementation": "static", "compile_config": config}
     return {**kwargs, "max_cache_len": max_cache_len} if max_cache_len else kwargs

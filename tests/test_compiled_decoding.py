@@ -63,3 +63,14 @@ def test_cuda_graphs_on_a_cpu_loads_with_transformers_and_says_it_decodes_eagerl
     assert "no CUDA GPU, so decoding runs eagerly" in caplog.text
     assert "backend=hf device=cpu (CPU) dtype=fp32 because --cuda_graphs decodes with plain transformers" in caplog.text
     assert g.answer("안녕하세요")["tokens"] == 4
+
+
+def test_a_quantizer_transformers_cannot_compile_stays_eager(caplog):
+    """Only bitsandbytes 4-bit is let through; another non-compileable quantizer gets no static cache and no
+    compile (so Generator.compiled stays False and batch mode does not pad)."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(hf_quantizer=SimpleNamespace(is_compileable=False))
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        assert compiled_decoding(model, max_cache_len=64) == {}
+    assert "does not compile SimpleNamespace models, so decoding stays eager" in caplog.text
