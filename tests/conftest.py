@@ -52,5 +52,16 @@ def tiny_run(tmp_path_factory):
     return train(**quick_args(tmp_path_factory.mktemp("shared")))
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Makes open_generator's model load fail: a test using it shows an argument is refused before the load."""
+    import sftkit.generate
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the argument check")
+
+    monkeypatch.setattr(sftkit.generate, "load_model", no_load)
+
+
 def train_cmd(*args):
     return [sys.executable, str(ROOT / "train_unsloth.py"), *args]

@@ -43,13 +43,7 @@ def test_4bit_lora_decode_step_compiles_whole_and_keeps_the_tokens():
     assert ((c - e).norm() / e.norm()).item() < 1e-3  # measured 1.7e-4
 
 
-def test_cuda_graphs_refuse_the_unsloth_backend_before_loading(monkeypatch):
-    import sftkit.generate
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the argument check")
-
-    monkeypatch.setattr(sftkit.generate, "load_model", no_load)
+def test_cuda_graphs_refuse_the_unsloth_backend_before_loading(no_model_load):
     with pytest.raises(UserError, match="use --backend auto"):
         open_generator(model_name=TINY, backend="unsloth", cuda_graphs=True)
     with pytest.raises(UserError, match="--backend 'hff' is not one of"):  # not silently turned into hf

@@ -153,13 +153,7 @@ def test_merged_adapter_answers_like_the_adapter(memorized, gen, tmp_path):
     assert [r["merged_adapter"] for r in written] == [True, True]  # batch rows say they came from merged weights
 
 
-def test_merge_adapter_without_adapter_fails_before_loading(monkeypatch):
-    import sftkit.generate
-
-    def no_load(*a, **k):
-        raise AssertionError("the model was loaded before the argument check")
-
-    monkeypatch.setattr(sftkit.generate, "load_model", no_load)
+def test_merge_adapter_without_adapter_fails_before_loading(no_model_load):
     with pytest.raises(UserError, match="no adapter to merge"):
         open_generator(model_name=TINY, merge_adapter=True)
 
