@@ -162,10 +162,12 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       baseline: the variant every other one is divided by, within its round (hf-served: the plain recipe's
         inference of a saved adapter).
     """
-    from shapes import make_model
+    from shapes import host_info, make_model
     from sftkit.cli import names as listed
 
     model_dir = make_model(shape, Path(cache))
+    host = host_info()  # batch-1 decoding is bound by launching kernels: the host sets its pace
+    print(f"host: {host}", flush=True)
     names = listed(backends)
     unknown = [b for b in names + [baseline] if b not in VARIANTS]
     if unknown:
@@ -215,7 +217,8 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
     path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,
-                                "batch": batch, "rounds": rounds, "results": results, "ratios": ratios}, indent=2))
+                                "batch": batch, "rounds": rounds, "host": host, "results": results, "ratios": ratios},
+                               indent=2))
     print(f"wrote {path}")
 
 

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from sftkit.cli import names as listed  # noqa: E402  (comma-separated CLI values)
-from shapes import ROOT, SHAPES, make_data, make_model, train_flops_per_token  # noqa: E402
+from shapes import ROOT, SHAPES, host_info, make_data, make_model, train_flops_per_token  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "A100": 312, "L4": 121, "T4": 65, "A10": 125}  # dense bf16/fp16 spec
 
@@ -36,6 +36,8 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
 VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
             "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"]),
             "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"]),
+            # What a T4 runs: no native bf16 there, so fp16 with loss scaling (train_unsloth's auto choice on a T4).
+            "unsloth-fp16": ("unsloth", ["--dtype", "fp16"]),
             # Fast mode with PyTorch's fused AdamW (fp32 states, one multi-tensor kernel) instead of bitsandbytes'
             # 8-bit AdamW (a kernel and Python call per LoRA matrix): how much of the step is the optimizer.
             "unsloth-fast-fused-adamw": ("unsloth", ["--fast", "--optim", "adamw_torch_fused"]),
@@ -84,7 +86,8 @@ def steady(result, metrics_path, warmup):
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fast: bool = True, steps: int = 15,
          warmup: int = 3, rows: int = 512, mean_tokens: int = 325, memory_cap_gb: float = 0.0,
-         seq_lens: str = "1024,2048,4096,8192,16384", cache: str = "/tmp/sftkit-bench", out: str = ""):
+         seq_lens: str = "1024,2048,4096,8192,16384", search_dtype: str = "auto", cache: str = "/tmp/sftkit-bench",
+         out: str = ""):
     """Run the benchmark and write JSON.
 
     Args:
@@ -97,6 +100,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
       mean_tokens: mean row length in tokens (the Korean set's rows average about 325 with the template).
       memory_cap_gb: cap GPU memory per process (e.g. 15 for a 16 GB T4), then search the longest sequence.
       seq_lens: sequence lengths tried, in order, by the longest-sequence search under the cap ("" skips it).
+      search_dtype: dtype of that search: auto (bf16 on an H100) | fp16 (what a T4 trains in) | bf16.
       cache: folder for the generated model and data (large: 16 GB for the 8B shape).
       out: JSON path (default benchmarks/results/train-<shape>[-capN].json).
     """
@@ -120,7 +124,8 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
     report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
               "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
-              "versions": __import__("sftkit.run", fromlist=["x"]).library_versions()}
+              "versions": __import__("sftkit.run", fromlist=["x"]).library_versions(), "host": host_info()}
+    print(f"host: {report['host']}", flush=True)
     path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
     for name, backend, extra in variants:
         print(f"running {name} ...", flush=True)
@@ -134,7 +139,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
         print(json.dumps(r)[:600], flush=True)
         save(report, path)  # after every variant: a run cut short still leaves its numbers
     if memory_cap_gb and listed(seq_lens):
-        report["seq_search"] = seq_search(model_dir, seq_lens, memory_cap_gb, work)
+        report["seq_search"] = seq_search(model_dir, seq_lens, memory_cap_gb, work, search_dtype)
         save(report, path)
     print(table(results))
     print(f"wrote {path}")
@@ -145,11 +150,11 @@ def save(report, path):
     path.write_text(json.dumps(report, indent=2))
 
 
-def seq_search(model_dir, seq_lens, cap_gb, work):
+def seq_search(model_dir, seq_lens, cap_gb, work, dtype="auto"):
     """Longest sequence that trains (batch 2) under the cap: one process, lengths tried in increasing order."""
     lens = ",".join(listed(seq_lens))
     cmd = [sys.executable, str(HERE / "seq_search.py"), "--model_dir", str(model_dir), "--seq_lens", lens,
-           "--memory_cap_gb", str(cap_gb), "--out", str(work / "seq_search.json")]
+           "--memory_cap_gb", str(cap_gb), "--dtype", dtype, "--out", str(work / "seq_search.json")]
     with open(work / "seq_search.log", "w") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT).returncode
     if not (work / "seq_search.json").exists():

@@ -20,7 +20,7 @@ GB = 2 ** 30
 
 
 def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0, batch: int = 2, steps: int = 3,
-         r: int = 16, backend: str = "auto", out: str = ""):
+         r: int = 16, backend: str = "auto", dtype: str = "auto", out: str = ""):
     """Train `steps` steps of `batch` rows of exactly each length; record peak reserved/allocated memory.
 
     Args:
@@ -31,6 +31,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
       steps: optimizer steps per length.
       r: LoRA rank (alpha = r, 7 target modules, as the notebook).
       backend: auto | unsloth | hf.
+      dtype: auto | bf16 | fp16 (a T4 has no native bf16 and trains in fp16).
       out: JSON path for the results.
     """
     from sftkit import estimate
@@ -41,7 +42,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
     if memory_cap_gb:
         total = torch.cuda.get_device_properties(0).total_memory / GB
         torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb / total))
-    choice = choose(backend, "auto")
+    choice = choose(backend, dtype)
     from sftkit.cli import names as listed
 
     lens = [int(x) for x in listed(seq_lens)]

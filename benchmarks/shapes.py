@@ -6,8 +6,11 @@ the model keeps the real 128k vocabulary, so embedding, lm_head and logits cost 
 """
 
 import json
+import os
+import platform
 import random
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,3 +124,25 @@ def profiler_counts(events) -> tuple:
     gpu_us = sum(e.self_device_time_total for e in events if "CUDA" in str(getattr(e, "device_type", "")))
     return (gpu_us, sum(1 for e in events if e.name in KERNEL_LAUNCHES),
             sum(1 for e in events if e.name in SYNCS))
+
+
+def host_info(ops: int = 2000) -> dict:
+    """The host CPU, and the wall time of one small CUDA op as it measures: runs bound by launching kernels
+    (small micro-batches, batch-1 decoding) scale with it, so ratios between such runs differ between hosts."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.exists() else []) if line.startswith("model name")]
+    info = {"cpu": names[0] if names else platform.processor(), "cores": os.cpu_count(), "us_per_cuda_op": None}
+    import torch
+
+    if torch.cuda.is_available():
+        x = torch.zeros(256, device="cuda")
+        for _ in range(200):  # warm the allocator and the kernel
+            x = x + 1
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(ops):  # a ~2 us kernel: the loop runs at the speed the CPU dispatches and launches
+            x = x + 1
+        torch.cuda.synchronize()
+        info["us_per_cuda_op"] = round((time.perf_counter() - t0) / ops * 1e6, 2)
+    return info

@@ -27,6 +27,10 @@ def test_bench_infer_records_every_variant_and_its_ratio(tmp_path):
     assert ratio["bs1"] == pytest.approx(by["hf-merged"]["bs1_tokens_per_s"] / by["hf-served"]["bs1_tokens_per_s"],
                                          rel=1e-2)
     assert "| 0 | hf-merged |" in res.stdout
+    import torch
+
+    host = rec["host"]  # launch-bound speeds depend on the host: it is recorded beside them
+    assert host["cpu"] and host["cores"] >= 1 and (host["us_per_cuda_op"] is None) != torch.cuda.is_available()
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_infer.py"), "--shape", "tiny",
                           "--backends", "hf,nope", "--cache", str(tmp_path)], capture_output=True, text=True,
                          timeout=300)

@@ -176,6 +176,42 @@ def test_fast_mode_plans_on_the_gpu_and_resume_continues(tmp_path):
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))
 
 
+def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
+    """What a T4 (no native bf16) runs: --dtype fp16, float16 weights around the 4-bit base and loss scaling. On
+    this GPU the flag forces it. The loss must stay finite and fall, the adapter must hold finite, trained
+    weights, and infer.py in fp16 must answer from it."""
+    import math
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import ROOT, train_cmd
+
+    out = tmp_path / "run"
+    res = subprocess.run(train_cmd("--model_name", TINY, "--dataset", SAMPLE, "--max_samples", "32", "--dtype", "fp16",
+                                   "--max_steps", "20", "--learning_rate", "2e-2", "--warmup_steps", "0",
+                                   "--save_steps", "0", "--output_dir", str(out)),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = json.loads((out / "run.json").read_text())
+    assert rec["backend"]["backend"] == "unsloth" and rec["backend"]["dtype"] == "fp16"
+    losses = [m["loss"] for m in metrics(out)]
+    print("fp16 losses:", [round(x, 3) for x in losses])
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # learning happened under loss scaling
+    w = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
+    assert all(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)  # B starts at zero: it was trained
+    ans = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(out), "--dtype", "fp16",
+                          "--instruction", "비밀번호를 안전하게 만드는 방법은?", "--max_new_tokens", "12"],
+                         capture_output=True, text=True, timeout=600)
+    assert ans.returncode == 0, ans.stderr[-3000:]
+    print("fp16 answer:", ans.stdout.strip()[-300:])
+    assert ans.stdout.strip() and "fp16" in ans.stderr  # an answer, decoded in the dtype asked for
+
+
 COMPILED_VS_EAGER = """
 import json, sys, torch
 from sftkit.generate import compiled_decoding, open_generator
