@@ -181,6 +181,7 @@ def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
     this GPU the flag forces it. The loss must stay finite and fall, the adapter must hold finite, trained
     weights, and infer.py in fp16 must answer from it."""
     import math
+    import re
     import subprocess
     import sys
 
@@ -208,8 +209,10 @@ def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
                           "--instruction", "비밀번호를 안전하게 만드는 방법은?", "--max_new_tokens", "12"],
                          capture_output=True, text=True, timeout=600)
     assert ans.returncode == 0, ans.stderr[-3000:]
-    print("fp16 answer:", ans.stdout.strip()[-300:])
-    assert ans.stdout.strip() and "fp16" in ans.stderr  # an answer, decoded in the dtype asked for
+    answer = ans.stdout.strip().splitlines()[-1]  # Unsloth prints its banner to stdout first; the answer comes last
+    print("fp16 answer:", answer)
+    assert re.search("[가-힣]", answer), ans.stdout[-1000:]  # a Korean answer, as trained: not the banner, not NaN junk
+    assert "dtype=fp16" in ans.stderr  # decoded in the dtype asked for
 
 
 COMPILED_VS_EAGER = """
