@@ -65,7 +65,7 @@ def choose_dtype(requested: str, cuda: bool, capability=(0, 0), gpu_name: str = 
     if requested == "auto":
         if native:
             return "bf16", f"{gpu_name} ({cc}) supports bf16 natively: same range as fp32, no loss scaling"
-        return "fp16", f"{gpu_name} ({cc}) has no native bf16 (e.g. a T4): fp16 with loss scaling"
+        return "fp16", f"{gpu_name} ({cc}) has no native bf16 (it needs 8.0 or newer): fp16 with loss scaling"
     return requested, f"--dtype {requested} asked for on {gpu_name} ({cc})"
 
 
