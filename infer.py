@@ -16,7 +16,8 @@ import sys
 
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
-from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator, read_prompts, run_batch
+from sftkit.batchfile import answered, read_prompts, run_batch
+from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator
 
 log = logging.getLogger("sftkit")
 
@@ -73,8 +74,14 @@ def infer(
       merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
       cuda_graphs: GPU: decode through CUDA graphs (plain transformers; faster per token once compiled, see README).
     """
-    if not (instruction or chat or input_file):
+    if not (instruction.strip() or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if int(value) < 1:
+            raise UserError(f"--{name} must be a positive whole number, got {value!r}.")
+    if do_sample and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
+        raise UserError(f"--do_sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0 (got {temperature}, "
+                        f"{top_p}, {top_k}); for the likeliest answer every time, drop --do_sample.")
     if input_file and not output_file:
         raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
     if compare_base and not adapter:
@@ -82,6 +89,8 @@ def infer(
     if compare_base and merge_adapter:
         raise UserError(MERGED_CANNOT_COMPARE)
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
+    if input_file:
+        answered(input_file, output_file)  # and an output file that is not ours to append to
     from transformers import set_seed
 
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}

@@ -63,7 +63,7 @@ def main(shape: str = "llama-3.2-1b", gpus: int = 2, backend: str = "auto", step
         print(json.dumps(r)[:800], flush=True)
     ok = [r for r in results if "tokens_per_s" in r]
     if len(ok) == 2:
-        print(f"| GPUs | tokens/s | s/step | peak reserved GB (max over ranks) |\n|---|---|---|---|")
+        print("| GPUs | tokens/s | s/step | peak reserved GB (max over ranks) |\n|---|---|---|---|")
         for r in ok:
             print(f"| {r['gpus']} | {r['tokens_per_s']} | {r['s_per_step']} | {r['peak_reserved_gb_max_over_ranks']} |")
         print(f"speed-up {ok[1]['tokens_per_s'] / ok[0]['tokens_per_s']:.2f}x on {gpus} GPUs")

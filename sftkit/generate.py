@@ -4,9 +4,7 @@ The template comes from the training run's run.json, so inference renders prompt
 """
 
 import contextlib
-import json
 import logging
-import os
 from pathlib import Path
 
 from . import prompts, run
@@ -15,7 +13,6 @@ from .backend import merge_adapter as fold_adapter  # the name merge_adapter is 
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
-ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
 COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
                          "written by train_unsloth.py). With only --model_name there is no adapter to switch off.")
 MERGE_NEEDS_ADAPTER = "--merge_adapter needs --adapter outputs/<run>: there is no adapter to merge."
@@ -216,80 +213,3 @@ def compiled_decoding(model, backend: str = "inductor", max_cache_len: int = 0) 
     config = CompileConfig() if backend == "inductor" else CompileConfig(backend=backend, mode=None)
     kwargs = {"cache_implementation": "static", "compile_config": config}
     return {**kwargs, "max_cache_len": max_cache_len} if max_cache_len else kwargs
-
-
-def read_prompts(input_file: str) -> list:
-    """The rows of a JSONL prompt file, each checked here so that a bad line is named by its number (and is
-    found before the model loads, when infer.py calls this first)."""
-    src = Path(input_file)
-    if not src.is_file():
-        raise UserError(f"--input_file {input_file!r} does not exist. It should be JSONL with an 'instruction' "
-                        "(and optional 'input') per line.")
-    need = 'each line needs a JSON object like {"instruction": "your question", "input": ""} ("input" optional)'
-    rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{input_file} line {n} is not valid JSON ({err}); fix or remove that line.") from err
-        if not isinstance(row, dict):
-            raise UserError(f"{input_file} line {n} is a JSON {type(row).__name__}, not an object: {need}.")
-        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
-            raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
-                            f"{need}.")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"--input_file {input_file!r} holds no prompts: {need}, one per line.")
-    return rows
-
-
-def run_batch(g: Generator, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False,
-              rows=None):
-    """Answers every row of a JSONL file in batches, appending each batch as soon as it is done.
-
-    A rerun skips the rows already in output_file, so an interrupted batch loses nothing and repeats nothing.
-    rows: the file's rows when the caller already read them with read_prompts.
-    """
-    from tqdm.auto import tqdm
-
-    rows = read_prompts(input_file) if rows is None else rows
-    dst = Path(output_file)
-    done, kept = set(), []
-    if dst.is_file():
-        for line in dst.read_text(encoding="utf-8").splitlines():
-            try:
-                done.add(json.loads(line)[ROW])
-                kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                pass  # a half-written last line from a killed run: dropped here, answered again below
-        tmp = dst.with_name(dst.name + ".tmp")  # rewrite atomically: a kill now must not lose the answers
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, dst)
-    todo = [(i, r) for i, r in enumerate(rows) if i not in done]
-    if done:
-        log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
-    width = min(batch_size, len(todo))
-    if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
-        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""))) for _, r in todo)
-        g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
-    with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            # A compiled decode step is specialised to its batch size: the last, smaller batch is padded with
-            # copies of its last row (answers dropped) rather than compiled again (~100 s for an 8B model).
-            batch = [r for _, r in chunk] + [chunk[-1][1]] * (width - len(chunk) if g.compiled else 0)
-            answers = g.answer_batch(batch)[:len(chunk)]
-            base = g.answer_batch(batch, base=True)[:len(chunk)] if compare_base else None
-            for k, ((i, r), a) in enumerate(zip(chunk, answers)):
-                out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
-                if base:
-                    out["base_answer"] = base[k]["answer"]
-                if g.merged:  # re-quantized weights (in 4-bit): a resumed file says which answers came from them
-                    out["merged_adapter"] = True
-                f.write(json.dumps(out, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            bar.update(len(chunk))
-    return len(todo)

@@ -9,7 +9,8 @@ import pytest
 from conftest import ROOT, TINY, write_jsonl
 from sftkit import prompts
 from sftkit.errors import UserError
-from sftkit.generate import open_generator, read_prompts
+from sftkit.batchfile import read_prompts
+from sftkit.generate import open_generator
 
 
 @pytest.mark.parametrize("slot", ["{}", "{0}", "{0.x}"])
@@ -71,3 +72,36 @@ def test_merge_adapter_conflicts_are_refused_before_loading(tmp_path):
         infer(adapter=str(tmp_path / "no-run"), instruction="hi", compare_base=True, merge_adapter=True)
     with pytest.raises(UserError, match="--merge_adapter needs --adapter"):
         infer(model_name=str(tmp_path / "no-model"), instruction="hi", merge_adapter=True)
+
+
+def test_batch_output_that_infer_did_not_write_is_refused_and_left_alone(tmp_path, no_model_load):
+    """Resuming drops lines that are not answers; so a file of someone else's (say, the training data passed as
+    --output_file by mistake) must be refused whole, before the model loads, and not touched."""
+    from infer import infer
+
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "a"}, {"instruction": "b"}])
+    theirs = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "keep me", "output": "x"}] * 3)
+    before = (tmp_path / "train.jsonl").read_bytes()
+    with pytest.raises(UserError, match="line 1 is not an answer written by infer.py .* nothing was changed"):
+        infer(model_name=TINY, input_file=src, output_file=theirs)
+    assert (tmp_path / "train.jsonl").read_bytes() == before
+    with pytest.raises(UserError, match="--output_file is the --input_file"):
+        infer(model_name=TINY, input_file=src, output_file=str(tmp_path / "." / "q.jsonl"))
+    ours = tmp_path / "a.jsonl"  # our answers, then a foreign line that ends with a newline: not a torn write
+    ours.write_text('{"instruction": "a", "_row": 0, "answer": "x"}\n{"note": "mine"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="a.jsonl line 2 is not an answer"):
+        infer(model_name=TINY, input_file=src, output_file=str(ours))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"instruction": "   "}, "say what to answer"),
+    ({"instruction": "hi", "batch_size": 0}, "--batch_size must be a positive whole number"),
+    ({"instruction": "hi", "max_new_tokens": 0}, "--max_new_tokens must be a positive whole number"),
+    ({"instruction": "hi", "do_sample": True, "temperature": 0.0}, "--do_sample needs --temperature > 0"),
+    ({"instruction": "hi", "do_sample": True, "top_p": 1.5}, "drop --do_sample"),
+])
+def test_infer_numbers_are_checked_before_loading(bad, match, no_model_load):
+    from infer import infer
+
+    with pytest.raises(UserError, match=match):
+        infer(model_name=TINY, **bad)

@@ -7,7 +7,8 @@ import pytest
 
 from conftest import ROOT, SAMPLE, TINY, quick_args, write_jsonl
 from sftkit.errors import UserError
-from sftkit.generate import open_generator, run_batch
+from sftkit.batchfile import run_batch
+from sftkit.generate import open_generator
 from train_unsloth import train
 
 ROWS = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()][150:154]

@@ -1,0 +1,113 @@
+"""JSONL prompt files for batch inference: read and check them, answer them in batches, resume a killed run.
+
+Answers go to their own JSONL file, one line per prompt, appended as each batch finishes; each line carries the
+prompt's position in the input (ROW), so a rerun answers only what is missing.
+"""
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("sftkit")
+ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
+
+
+def read_prompts(input_file: str) -> list:
+    """The rows of a JSONL prompt file, each checked here so that a bad line is named by its number (and is
+    found before the model loads, when infer.py calls this first)."""
+    src = Path(input_file)
+    if not src.is_file():
+        raise UserError(f"--input_file {input_file!r} does not exist. It should be JSONL with an 'instruction' "
+                        "(and optional 'input') per line.")
+    need = 'each line needs a JSON object like {"instruction": "your question", "input": ""} ("input" optional)'
+    rows = []
+    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{input_file} line {n} is not valid JSON ({err}); fix or remove that line.") from err
+        if not isinstance(row, dict):
+            raise UserError(f"{input_file} line {n} is a JSON {type(row).__name__}, not an object: {need}.")
+        if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
+            raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
+                            f"{need}.")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"--input_file {input_file!r} holds no prompts: {need}, one per line.")
+    return rows
+
+
+def answered(input_file: str, output_file: str):
+    """(rows already answered, the output's lines to keep, whether its last line was torn). Refuses an output
+    file that is the input, or that holds lines this script did not write: appending to it, or dropping its
+    lines, would damage someone's file. Cheap, so infer.py calls it before the model loads."""
+    dst = Path(output_file)
+    if input_file and Path(input_file).resolve() == dst.resolve():
+        raise UserError(f"--output_file is the --input_file ({output_file}): answers would be mixed into the "
+                        "prompts. Pass another file, e.g. answers.jsonl.")
+    if not dst.is_file():
+        return set(), [], False
+    text = dst.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    done, kept = set(), []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            done.add(row[ROW])
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            if n == len(lines) and not text.endswith("\n"):  # each answer is written with its newline at once,
+                return done, kept, True  # so this one was cut off mid-write by a kill: safe to drop
+            raise UserError(f"--output_file {output_file} line {n} is not an answer written by infer.py (no "
+                            f"{ROW!r}), so the file is not one to resume: nothing was changed. Pass a new "
+                            "--output_file (or move this one away).") from None
+    return done, kept, False
+
+
+def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False,
+              rows=None):
+    """Answers every row of a JSONL file in batches, appending each batch as soon as it is done.
+
+    A rerun skips the rows already in output_file, so an interrupted batch loses nothing and repeats nothing.
+    rows: the file's rows when the caller already read them with read_prompts.
+    """
+    from tqdm.auto import tqdm
+
+    rows = read_prompts(input_file) if rows is None else rows
+    dst = Path(output_file)
+    done, kept, torn = answered(input_file, output_file)
+    if torn:  # a half-written last line from a killed run: dropped, and its row answered again below
+        tmp = dst.with_name(dst.name + ".tmp")  # rewrite atomically: a kill now must not lose the answers
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, dst)
+    todo = [(i, r) for i, r in enumerate(rows) if i not in done]
+    if done:
+        log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
+    width = min(batch_size, len(todo))
+    if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
+        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""))) for _, r in todo)
+        g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
+    with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            # A compiled decode step is specialised to its batch size: the last, smaller batch is padded with
+            # copies of its last row (answers dropped) rather than compiled again (~100 s for an 8B model).
+            batch = [r for _, r in chunk] + [chunk[-1][1]] * (width - len(chunk) if g.compiled else 0)
+            answers = g.answer_batch(batch)[:len(chunk)]
+            base = g.answer_batch(batch, base=True)[:len(chunk)] if compare_base else None
+            for k, ((i, r), a) in enumerate(zip(chunk, answers)):
+                out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
+                if base:
+                    out["base_answer"] = base[k]["answer"]
+                if g.merged:  # re-quantized weights (in 4-bit): a resumed file says which answers came from them
+                    out["merged_adapter"] = True
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            bar.update(len(chunk))
+    return len(todo)
