@@ -9,13 +9,12 @@ Defaults follow the Unsloth Llama 3.1 (8B) Alpaca notebook. The story: arguments
 model + LoRA -> data -> SFTTrainer -> train -> adapter + run.json + metrics.jsonl -> memory/time report.
 """
 
-import importlib.util
 import logging
 import os
 import time
 from pathlib import Path
 
-from sftkit import batching, cli, data, memory, prompts, run
+from sftkit import batching, checks, cli, data, memory, prompts, run
 from sftkit.backend import add_lora, choose, load_model
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
@@ -23,7 +22,6 @@ from sftkit.interrupt import interrupt_callback
 from sftkit.saving import check_export_args, export
 
 log = logging.getLogger("sftkit")
-REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @run.resumable  # --resume: arguments not given take the values recorded in the run being resumed
@@ -104,7 +102,7 @@ def train(
       fast: same effective batch in the largest micro-batch the GPU holds, checkpointing off if it fits.
       cudnn_attention: let PyTorch use cuDNN attention (it re-plans per new row length: ~2x slower steps on an H100).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
-      save_steps: save a resumable checkpoint every N steps (0 = only at the end).
+      save_steps: save a resumable checkpoint every N steps (0 = none: the adapter is saved, no resuming).
       report_to: none | tensorboard | wandb.
       output_dir: run folder; default outputs/<model>-<dataset>.
       resume: continue from the newest checkpoint in output_dir.
@@ -118,14 +116,13 @@ def train(
     modules = args["target_modules"] = cli.names(target_modules)  # text from the command line, or a list
     if not modules:
         raise UserError("--target_modules names no layer: pass a comma-separated list, e.g. q_proj,v_proj.")
-    check_numbers(args)
-    if report_to != "none" and importlib.util.find_spec(report_to) is None:
-        raise UserError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}")
+    checks.numbers(args)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     main_rank = rank == 0
 
     # 1. Backend and dtype, before transformers/trl/peft are imported (Unsloth patches them on import).
     choice = choose(backend, dtype, cudnn_attention)
+    checks.names(optim, lr_scheduler_type)
     template = prompts.load(prompt)
     check_export_args(save_merged, save_gguf, push_to_hub, choice)
 
@@ -222,8 +219,9 @@ def train(
                 "around the assistant turns." if "generation" in str(err) else "")
         raise UserError(f"the trainer refused the data or the template: {err} Nothing in {output_dir} was "
                         f"changed.{tags}") from err
-    if main_rank and ckpt is None:
-        run.clear(output_dir)  # only now does --overwrite delete the old run: everything above has loaded
+    # Only now does --overwrite move the old run aside (everything above has loaded); it is deleted when this run
+    # finishes, or put back if this one fails before its first checkpoint.
+    replaced = run.set_aside(output_dir) if main_rank and ckpt is None else None
     record = {"status": "running", "args": args, "backend": choice.as_dict(),
               # infer.py reloads the base from here, whatever folder it is run from
               "model_path": str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name,
@@ -241,14 +239,15 @@ def train(
         if main_rank:
             run.write_record(output_dir, {**record, "status": "aborted" if isinstance(err, KeyboardInterrupt)
                                           else "failed", "error": f"{type(err).__name__}: {err}"})
+            run.settle(output_dir, replaced, finished=False)
         if "out of memory" in str(err).lower():
-            smaller = ("drop --fast (it picked micro-batch %d with gradient checkpointing %s), or "
+            smaller = ("drop --fast (it picked micro-batch %d with gradient checkpointing %s)"
                        % (per_device_train_batch_size, "on" if use_gradient_checkpointing else "off") if fast else
-                       "lower --per_device_train_batch_size (raise --gradient_accumulation_steps to keep the "
-                       "effective batch) or ")
-            raise UserError(f"out of GPU memory ({err}). Checkpoints already saved in {output_dir} are kept. "
-                            f"To fit: {smaller}lower --max_seq_length; `python memory_report.py estimate` "
-                            "predicts what fits.") from err
+                       "lower --per_device_train_batch_size and raise --gradient_accumulation_steps as much (same "
+                       "effective batch)")
+            raise UserError(f"out of GPU memory ({err}). Checkpoints already saved in {output_dir} are kept: "
+                            f"continue with --resume and {smaller}. A lower --max_seq_length also fits, in a new run "
+                            "(--overwrite); `python memory_report.py estimate` predicts what fits.") from err
         raise
     stopped = trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps
 
@@ -266,6 +265,7 @@ def train(
                   memory=figures)
     if main_rank:
         run.write_record(output_dir, record)
+        run.settle(output_dir, replaced, finished=record["status"] == "finished")
         print(memory.format_report(figures))
         if stopped:
             log.info("stopped at step %d; continue with --resume --output_dir %s", trainer.state.global_step,
@@ -278,17 +278,6 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return output_dir
-
-
-def check_numbers(a: dict):
-    """Counts and sizes that must be positive, checked before anything loads."""
-    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "r",
-                "logging_steps"):
-        if int(a[key]) < 1:
-            raise UserError(f"--{key} must be a positive whole number, got {a[key]!r}.")
-    v = a["val_size"]
-    if v < 0 or (v >= 1 and v != int(v)):
-        raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import functools
 import importlib.metadata
 import inspect
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from . import cli
 from .errors import UserError
+
+log = logging.getLogger("sftkit")
 
 RECORD = "run.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "unsloth",
@@ -69,7 +72,7 @@ def status_of(folder: Path):
 
 
 def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1):
-    """Checks the folder against the flags; deletes nothing (see clear()). Returns the checkpoint to resume
+    """Checks the folder against the flags; deletes nothing (see set_aside()). Returns the checkpoint to resume
     from, or None to start afresh."""
     folder = Path(output_dir)
     rec = status_of(folder)
@@ -79,6 +82,9 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
         if overwrite:
             raise UserError("--resume and --overwrite contradict each other: resume continues the run in "
                             f"{output_dir}, overwrite deletes it. Pass one of them.")
+        if not ckpts and rec:
+            raise UserError(f"--resume: the run in {output_dir!r} saved no checkpoint to resume from (it stopped "
+                            "before its first save, or --save_steps was 0). Start it again with --overwrite.")
         if not ckpts:
             raise UserError(f"--resume: no checkpoint-* folder in {output_dir!r} to resume from. Run without "
                             "--resume to start training.")
@@ -87,12 +93,18 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
             raise UserError(f"{output_dir!r} already finished at step {done}; resuming would train past it and "
                             "replace the adapter. To train further pass a larger --max_steps with --resume; to "
                             "start again, --overwrite.")
+        at = int(ckpts[-1].name.split("-")[-1])
+        if 0 < max_steps <= at:
+            raise UserError(f"--resume --max_steps {max_steps}: the run's newest checkpoint is already at step {at}, "
+                            f"so there is nothing to train. Pass a --max_steps above {at}, or drop it to continue "
+                            "to the recorded one.")
         return ckpts[-1]
     if folder.is_dir() and any(folder.iterdir()):
         if overwrite:
             if rec is None:  # never delete what train_unsloth.py did not write
                 raise UserError(f"--overwrite refused: {output_dir!r} is not a run folder (no {RECORD}). Choose "
                                 "an empty or new --output_dir.")
+            no_leftover(folder)  # known now, before anything loads
         elif status == "finished":
             raise UserError(f"{output_dir!r} already holds a finished run. Pass --overwrite to replace it, or "
                             "choose another --output_dir.")
@@ -105,19 +117,52 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
     return None
 
 
-def clear(output_dir: str):
-    """Empties the run folder for a fresh start; called only after the data and the model have loaded, so a
-    typo in another argument never costs the previous run."""
+def no_leftover(folder: Path) -> Path:
+    """The folder an --overwrite moves the old run to; refused while one from an earlier --overwrite remains."""
+    old = folder.with_name(folder.name + ".replaced")
+    if old.exists():  # left by an earlier --overwrite whose new run did not finish: maybe the only finished copy
+        raise UserError(f"{old} holds the run an earlier --overwrite of {str(folder)!r} replaced (its new run did "
+                        "not finish). Nothing was changed: delete or move that folder, then retry.")
+    return old
+
+
+def set_aside(output_dir: str):
+    """--overwrite: moves the previous run to <output_dir>.replaced instead of deleting it, and makes the folder
+    anew. Called only once data, model and trainer have loaded; the old run is deleted by settle() when the new
+    one has finished, or put back if the new one fails before its first checkpoint. Returns the moved folder."""
     folder = Path(output_dir)
-    if folder.is_dir() and (folder / RECORD).is_file():
+    if not (folder.is_dir() and (folder / RECORD).is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        return None
+    old = no_leftover(folder)
+    folder.rename(old)
+    folder.mkdir(parents=True)
+    return old
+
+
+def settle(output_dir: str, old, finished: bool):
+    """After an --overwrite: a finished new run drops the old one; a failed one that saved no checkpoint puts the
+    old run back (nothing was gained, nothing is lost); otherwise both are kept and the log says where."""
+    if old is None or not old.exists():
+        return
+    folder = Path(output_dir)
+    if finished:
+        shutil.rmtree(old)
+    elif not checkpoints(folder):
         shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        old.rename(folder)
+        log.info("the new run failed before its first checkpoint: the previous run is back in %s", output_dir)
+    else:
+        log.info("the previous run is kept in %s (delete it once this run is resumed and finished)", old)
 
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway); every other one the
 # caller gives must match the run being resumed.
 RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",
                      "save_gguf", "push_to_hub", "cudnn_attention", "fast"}
+# A resumed run may split its effective batch (their product) differently, e.g. smaller after running out of memory:
+# the loss is normalised over all tokens of the optimizer step, so each step still learns the same.
+SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps")
 # What this invocation is asked to do, never taken from the record.
 PER_INVOCATION = {"resume", "overwrite", "output_dir"}
 
@@ -158,10 +203,20 @@ def resume_args(output_dir: str, given: dict, known: set) -> dict:
         return given  # nothing recorded: prepare() says what is missing
     recorded = {k: v for k, v in rec["args"].items() if k in known and k not in PER_INVOCATION}
     for key, value in given.items():
-        if key in recorded and key not in RESUMABLE_CHANGES | PER_INVOCATION and not _same(value, recorded[key]):
+        if key in recorded and key not in RESUMABLE_CHANGES | PER_INVOCATION | set(SPLIT) \
+                and not _same(value, recorded[key]):
             raise UserError(f"--resume: --{key} {value!r} differs from the run being resumed ({recorded[key]!r}). "
                             f"Drop --{key} to continue that run, or start a new one in another --output_dir.")
-    return {**recorded, **given}
+    merged = {**recorded, **given}
+    if all(k in recorded for k in SPLIT):  # the rows of each step stay the same: only how they are split changes
+        was, now = tuple(int(recorded[k]) for k in SPLIT), tuple(int(merged[k]) for k in SPLIT)
+        if was[0] * was[1] != now[0] * now[1]:
+            raise UserError(f"--resume: micro-batch {now[0]} x accumulation {now[1]} is an effective batch of "
+                            f"{now[0] * now[1]}, the run being resumed used {was[0]} x {was[1]} = {was[0] * was[1]}. "
+                            "A resumed run may split its batch differently (after running out of memory, e.g. "
+                            f"--per_device_train_batch_size {max(was[0] // 2, 1)} --gradient_accumulation_steps "
+                            f"{was[0] * was[1] // max(was[0] // 2, 1)}), not change it.")
+    return merged
 
 
 def write_record(folder, record: dict):

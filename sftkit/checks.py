@@ -1,0 +1,57 @@
+"""train_unsloth.py's argument checks that need no model or data: a typo fails in a second, before the slow
+load, and never after --overwrite has moved a finished run aside. Each error names the argument and the fix."""
+
+import importlib.util
+
+from .errors import UserError
+
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+def numbers(a: dict):
+    """Counts, sizes and rates that must be in range."""
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length", "r",
+                "logging_steps"):
+        if int(a[key]) < 1:
+            raise UserError(f"--{key} must be a positive whole number, got {a[key]!r}.")
+    for key in ("warmup_steps", "save_steps", "max_samples"):
+        if int(a[key]) < 0:
+            raise UserError(f"--{key} must be 0 or more, got {a[key]!r} (0 means {ZERO[key]}).")
+    if a["max_steps"] == 0 or a["max_steps"] < -1:
+        raise UserError(f"--max_steps {a['max_steps']!r}: give the number of optimizer steps, or -1 to train for "
+                        "--num_train_epochs passes over the data.")
+    if a["max_steps"] == -1 and not a["num_train_epochs"] > 0:
+        raise UserError(f"--num_train_epochs must be above 0 with --max_steps -1, got {a['num_train_epochs']!r}.")
+    if not a["learning_rate"] > 0:
+        raise UserError(f"--learning_rate must be above 0, got {a['learning_rate']!r} (the notebook uses 2e-4).")
+    if not a["lora_alpha"] > 0:
+        raise UserError(f"--lora_alpha must be above 0, got {a['lora_alpha']!r}: the adapter's output is scaled "
+                        "by lora_alpha / r, so 0 would train an adapter that changes nothing (the notebook: 16).")
+    if not 0 <= a["lora_dropout"] < 1:
+        raise UserError(f"--lora_dropout must be in [0, 1), got {a['lora_dropout']!r} (0 is fastest on Unsloth).")
+    v = a["val_size"]
+    if v < 0 or (v >= 1 and v != int(v)):
+        raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
+    if a["report_to"] not in REPORT_TO:
+        raise UserError(f"--report_to {a['report_to']!r} is not one of {', '.join(REPORT_TO)}.")
+    if a["report_to"] != "none" and importlib.util.find_spec(a["report_to"]) is None:
+        raise UserError(f"--report_to {a['report_to']} needs the {a['report_to']} package: pip install "
+                        f"{a['report_to']}")
+
+
+ZERO = {"warmup_steps": "no warm-up", "save_steps": "no checkpoints", "max_samples": "all rows"}
+
+
+def names(optim: str, lr_scheduler_type: str):
+    """Names transformers must know. Imports transformers, so call it after the backend is chosen (Unsloth
+    has to be imported first)."""
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for flag, value, known, example in (("optim", optim, [o.value for o in OptimizerNames], "adamw_8bit"),
+                                        ("lr_scheduler_type", lr_scheduler_type, [s.value for s in SchedulerType],
+                                         "linear")):
+        if value not in known:
+            close = [k for k in known if k.startswith(value[:4])][:6]
+            raise UserError(f"--{flag} {value!r} is not known to transformers; e.g. {example}"
+                            + (f" (close: {', '.join(close)})." if close else "."))

@@ -1,0 +1,114 @@
+"""Nothing is lost: --overwrite keeps the old run until the new one has earned its place, a resume after running
+out of memory may split the batch differently, and bad arguments are refused before anything loads."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import metrics, quick_args
+from sftkit import run
+from sftkit.errors import UserError
+from train_unsloth import train
+
+
+def test_overwrite_that_fails_in_training_puts_the_old_run_back(tmp_path, tiny_run, monkeypatch):
+    import trl
+
+    old = tmp_path / "run"
+    shutil.copytree(tiny_run, old)
+    adapter = (old / "adapter_model.safetensors").read_bytes()
+
+    def fails(self, *a, **k):  # as an optimizer a package is missing for, or a NaN check, would: inside train()
+        raise RuntimeError("boom in the first step")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(**quick_args(tmp_path, max_steps=2, overwrite=True))
+    rec = json.loads((old / "run.json").read_text())
+    assert rec["status"] == "finished" and (old / "adapter_model.safetensors").read_bytes() == adapter
+    assert not (tmp_path / "run.replaced").exists()
+
+
+def test_overwrite_that_finishes_drops_the_old_run(tmp_path, tiny_run):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    out = train(**quick_args(tmp_path, max_steps=2, save_steps=0, overwrite=True))
+    assert [m["step"] for m in metrics(out)] == [1, 2] and not (tmp_path / "run.replaced").exists()
+
+
+def test_a_leftover_from_an_earlier_overwrite_is_never_deleted(tmp_path, tiny_run):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.copytree(tiny_run, tmp_path / "run.replaced")  # maybe the only finished copy
+    with pytest.raises(UserError, match=r"run.replaced holds the run an earlier --overwrite.*delete or move"):
+        train(**quick_args(tmp_path, max_steps=2, overwrite=True))
+    assert (tmp_path / "run.replaced" / "adapter_model.safetensors").is_file()
+
+
+def test_a_failure_after_a_checkpoint_keeps_both_runs(tmp_path):
+    """settle() on its own: the new run saved a checkpoint before failing, so it is resumable and stays, and so
+    does the old one, beside it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run.RECORD).write_text('{"status": "finished"}')
+    old = run.set_aside(str(folder))
+    assert old == tmp_path / "run.replaced" and (old / run.RECORD).is_file() and folder.is_dir()
+    (folder / "checkpoint-2").mkdir()
+    run.settle(str(folder), old, finished=False)
+    assert (folder / "checkpoint-2").is_dir() and (old / run.RECORD).is_file()
+    run.settle(str(folder), old, finished=True)
+    assert not old.exists() and (folder / "checkpoint-2").is_dir()
+
+
+def test_resume_may_split_the_batch_differently_and_learns_the_same(tmp_path):
+    """After running out of memory at 2 x 4, a run resumes at 1 x 8: the same rows per step and, up to
+    floating-point order, the same losses as the same run resumed at 2 x 4."""
+    args = quick_args(tmp_path, max_samples=32, save_steps=2, learning_rate=5e-3, max_steps=2)
+    same, split = str(tmp_path / "same"), str(tmp_path / "split")
+    for out in (same, split):
+        train(**{**args, "output_dir": out})
+    with pytest.raises(UserError, match="effective batch of 6.*2 x 4 = 8.*split its batch differently"):
+        train(output_dir=split, resume=True, max_steps=4, per_device_train_batch_size=2,
+              gradient_accumulation_steps=3)
+    train(output_dir=same, resume=True, max_steps=4)
+    train(output_dir=split, resume=True, max_steps=4, per_device_train_batch_size=1, gradient_accumulation_steps=8)
+    rec = json.loads((Path(split) / "run.json").read_text())
+    assert rec["status"] == "finished" and rec["args"]["per_device_train_batch_size"] == 1
+    a, b = metrics(same), metrics(split)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    assert [m["tokens_seen"] for m in a] == [m["tokens_seen"] for m in b]  # the same rows in each step
+    assert a[2]["loss"] != a[1]["loss"]  # the resumed steps trained (the losses moved)
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+
+
+def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_was_saved(tmp_path):
+    out = train(**quick_args(tmp_path, max_steps=4, save_steps=2))
+    rec_path = Path(out) / "run.json"
+    rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "status": "interrupted"}))
+    with pytest.raises(UserError, match="newest checkpoint is already at step 4.*above 4"):
+        train(output_dir=out, resume=True, max_steps=3)
+    for ckpt in run.checkpoints(Path(out)):
+        shutil.rmtree(ckpt)
+    with pytest.raises(UserError, match="saved no checkpoint.*--overwrite"):
+        train(output_dir=out, resume=True)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"learning_rate": -1.0}, "--learning_rate must be above 0"),
+    ({"lora_alpha": 0}, "--lora_alpha must be above 0"),
+    ({"lora_dropout": 1.5}, r"--lora_dropout must be in \[0, 1\)"),
+    ({"max_steps": 0}, "--max_steps 0: give the number"),
+    ({"max_steps": -1, "num_train_epochs": 0.0}, "--num_train_epochs must be above 0"),
+    ({"max_samples": -3}, "--max_samples must be 0 or more.*all rows"),
+    ({"save_steps": -1}, "--save_steps must be 0 or more"),
+    ({"report_to": "tensorbord"}, "--report_to 'tensorbord' is not one of none, tensorboard, wandb"),
+    ({"optim": "adamw_8bti"}, "--optim 'adamw_8bti' is not known to transformers.*adamw_8bit"),
+    ({"lr_scheduler_type": "cosin"}, "--lr_scheduler_type 'cosin' is not known.*cosine"),
+])
+def test_bad_arguments_are_refused_before_the_run_folder_is_touched(tmp_path, tiny_run, bad, match):
+    shutil.copytree(tiny_run, tmp_path / "run")
+    before = (tmp_path / "run" / "run.json").read_bytes()
+    with pytest.raises(UserError, match=match):
+        train(**quick_args(tmp_path, overwrite=True, **bad))
+    assert (tmp_path / "run" / "run.json").read_bytes() == before and not (tmp_path / "run.replaced").exists()
