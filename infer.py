@@ -97,7 +97,7 @@ def infer(
     if do_sample:
         gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
     g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, merge_adapter,
-                       cuda_graphs, **gen)
+                       cuda_graphs, rows=rows, **gen)
     set_seed(seed)
     if input_file:
         n = run_batch(g, input_file, output_file, batch_size, compare_base, rows=rows)

@@ -90,7 +90,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
     width = min(batch_size, len(todo))
     if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
-        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""))) for _, r in todo)
+        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""), row=r)) for _, r in todo)
         g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
     with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):

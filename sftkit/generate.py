@@ -41,8 +41,9 @@ class Generator:
     def device(self):
         return next(self.model.parameters()).device
 
-    def prompt_ids(self, instruction: str, input: str = "", history=None) -> list:
-        """Token ids of one prompt, tokenized the way TRL tokenized the training rows."""
+    def prompt_ids(self, instruction: str, input: str = "", history=None, row=None) -> list:
+        """Token ids of one prompt, tokenized the way TRL tokenized the training rows. `row`: a batch file's
+        line, whose other keys fill a template's further fields (e.g. {context})."""
         if not str(instruction).strip():
             raise UserError("empty prompt: pass --instruction 'your question' (and optionally --input).")
         if self.template.kind == "chat":
@@ -50,7 +51,8 @@ class Generator:
             messages = list(history or []) + [{"role": "user", "content": turn}]
             return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                 return_dict=True)["input_ids"]
-        return self.tok(prompts.render(self.template, {"instruction": instruction, "input": input}))["input_ids"]
+        fields = {**(row or {}), "instruction": instruction, "input": input}
+        return self.tok(prompts.render(self.template, fields))["input_ids"]
 
     def _generate(self, batch_ids: list, streamer=None, base: bool = False):
         import torch
@@ -88,15 +90,16 @@ class Generator:
         return self._generate([self.prompt_ids(instruction, input, history)], streamer, base)[0]
 
     def answer_batch(self, rows: list, base: bool = False) -> list:
-        return self._generate([self.prompt_ids(r.get("instruction", ""), r.get("input", "")) for r in rows],
+        return self._generate([self.prompt_ids(r.get("instruction", ""), r.get("input", ""), row=r) for r in rows],
                               base=base)
 
 
 def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpaca_ko", backend: str = "auto",
                    dtype: str = "auto", load_in_4bit: bool = True, max_seq_length: int = 0,
-                   merge_adapter: bool = False, cuda_graphs: bool = False, **gen) -> Generator:
+                   merge_adapter: bool = False, cuda_graphs: bool = False, rows=None, **gen) -> Generator:
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
-    named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers)."""
+    named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers). `rows`:
+    a batch file's prompts, checked against the template's fields before the load."""
     if adapter:
         record = run.read_record(adapter)
         if not (Path(adapter) / "adapter_config.json").is_file():
@@ -118,6 +121,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
+    check_fields(template, rows)
     because = ""
     if cuda_graphs:  # before the (slow) model load
         backend, because = graphs_backend(backend, load_in_4bit)
@@ -149,6 +153,19 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
     elif cuda_graphs:
         log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
+
+
+def check_fields(template, rows=None):
+    """A template trained with fields beyond instruction and input (e.g. {context}) needs them at inference too:
+    only a batch file can give them, in every line."""
+    extra = template.fields - {"instruction", "input"} if template.kind == "instruction" else set()
+    if extra and rows is None:
+        raise UserError(f"template {template.name!r} also uses {sorted(extra)}, which --instruction and --input "
+                        "cannot give: write the prompts to a JSONL file with those keys and pass --input_file.")
+    for n, row in enumerate(rows or [], 1):
+        if extra - set(row):
+            raise UserError(f"prompt {n} of --input_file lacks {sorted(extra - set(row))}, which template "
+                            f"{template.name!r} uses: add the key(s) to every line.")
 
 
 GRAPH_CACHE = 2048  # tokens of static KV cache --cuda_graphs starts with (8B: 268 MB per row)

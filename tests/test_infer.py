@@ -174,3 +174,33 @@ def test_merged_4bit_weights_dequantize_to_the_compute_dtype():
     merged = merge_adapter(lora)
     states = [m.weight.quant_state for m in merged.modules() if getattr(getattr(m, "weight", None), "quant_state", None)]
     assert len(states) == 14 and {s.dtype for s in states} == {torch.bfloat16}  # 2 layers x 7 projections
+
+
+def test_template_with_a_further_field_is_answered_from_a_batch_file(tmp_path, no_model_load):
+    """Training accepts any {field} that names a column; inference must fill it too (from a batch file's keys),
+    and say before loading when it cannot (one-prompt mode, or a line without the key)."""
+    import sftkit.generate
+    from infer import infer
+
+    template = tmp_path / "ctx.json"
+    template.write_text(json.dumps({"prompt_input": "{context}\n질문: {instruction}\n{input}\n답: ",
+                                    "prompt_no_input": "{context}\n질문: {instruction}\n답: ", "response_split": "답:"}))
+    rows = [{**r, "context": f"배경 {i}"} for i, r in enumerate(ROWS)]
+    run_dir = train(**quick_args(tmp_path, dataset=write_jsonl(tmp_path / "d.jsonl", rows), prompt=str(template),
+                                 max_steps=2, save_steps=0, max_samples=0))
+    with pytest.raises(UserError, match=r"also uses \['context'\].*--input_file"):
+        infer(adapter=run_dir, instruction="hi")
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "a", "context": "c"}, {"instruction": "b"}])
+    with pytest.raises(UserError, match=r"prompt 2 of --input_file lacks \['context'\]"):
+        infer(adapter=run_dir, input_file=src, output_file=str(tmp_path / "a.jsonl"))
+    from sftkit.backend import load_model
+
+    with pytest.MonkeyPatch.context() as mp:  # the refusals above came before any load; now load and answer
+        mp.setattr(sftkit.generate, "load_model", load_model)
+        g = open_generator(run_dir, max_new_tokens=4, rows=rows)
+        q = ROWS[0]["instruction"]
+        assert g.prompt_ids(q, row={"context": "가"}) != g.prompt_ids(q, row={"context": "나"})  # the field is used
+        src = write_jsonl(tmp_path / "q2.jsonl", [{"instruction": q, "context": "가"}, {"instruction": q, "context": "나"}])
+        assert run_batch(g, src, str(tmp_path / "a2.jsonl"), batch_size=2) == 2
+    got = [json.loads(x) for x in (tmp_path / "a2.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["context"] for r in got] == ["가", "나"] and all("answer" in r for r in got)
