@@ -68,6 +68,9 @@ def show(run_dir: str = "") -> str:
              f"device: {fig['device']}, backend: {backend.get('backend', '?')}, dtype: {backend.get('dtype', '?')}, "
              f"memory measured: {fig['memory_kind']}, total {fig['total_gb']} GB",
              memory.format_report(fig)]
+    if rec.get("resumed_from"):  # the trainer's runtime and token count restart with each session
+        lines.insert(1, f"resumed from {Path(rec['resumed_from']).name}: time, tokens and memory below are this "
+                        "last session's, not the whole run's")
     if fig.get("peak_allocated_gb") is not None:  # GPU runs: what tensors used at most, inside the reserved peak
         lines.append(f"Peak allocated memory = {fig['peak_allocated_gb']} GB.")
     if not fig.get("tokens_per_second"):  # format_report prints tokens/s only when it was recorded
@@ -159,7 +162,8 @@ def compare(*run_dirs: str) -> str:
         rec = finished_record(folder)
         fig, loss = rec["memory"], rec.get("metrics", {}).get("final_loss")
         peak = f"{fig['peak_reserved_gb']}" + ("" if fig["memory_kind"] == "gpu" else " (RSS)")
-        cells = [Path(str(folder)).resolve().name, rec.get("backend", {}).get("backend", "?"), fig["device"],
+        name = Path(str(folder)).resolve().name + (" (last session)" if rec.get("resumed_from") else "")
+        cells = [name, rec.get("backend", {}).get("backend", "?"), fig["device"],
                  fig["train_seconds"], fig.get("tokens_per_second") or "-", peak,
                  round(loss, 4) if loss is not None else "-"]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")

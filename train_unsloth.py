@@ -209,11 +209,12 @@ def train(
         visible, config._n_gpu = config.n_gpu, 1
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
+    stopper = interrupt_callback()  # Ctrl-C / SIGTERM: checkpoint after the current step, then stop
     try:  # TRL tokenizes here and checks the rows against the template (a chat template's generation tags)
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
                              eval_dataset=eval_rows, args=config,
                              callbacks=[memory.metrics_callback(Path(output_dir) / "metrics.jsonl"),
-                                        interrupt_callback()])
+                                        stopper])
     except ValueError as err:
         tags = (" For a chat template without {% generation %} tags, pass --train_on_inputs or add the tags "
                 "around the assistant turns." if "generation" in str(err) else "")
@@ -236,6 +237,7 @@ def train(
     try:
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except BaseException as err:  # KeyboardInterrupt too (a second Ctrl-C): the record must not say "running"
+        stopper.restore()
         if main_rank:
             run.write_record(output_dir, {**record, "status": "aborted" if isinstance(err, KeyboardInterrupt)
                                           else "failed", "error": f"{type(err).__name__}: {err}"})

@@ -38,6 +38,8 @@ VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_a
             "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"]),
             # What a T4 runs: no native bf16 there, so fp16 with loss scaling (train_unsloth's auto choice on a T4).
             "unsloth-fp16": ("unsloth", ["--dtype", "fp16"]),
+            # Fast mode on the plain path (Unsloth missing on a GPU): its plan adds what that path holds more.
+            "hf-fast": ("hf", ["--fast"]),
             # Fast mode with PyTorch's fused AdamW (fp32 states, one multi-tensor kernel) instead of bitsandbytes'
             # 8-bit AdamW (a kernel and Python call per LoRA matrix): how much of the step is the optimizer.
             "unsloth-fast-fused-adamw": ("unsloth", ["--fast", "--optim", "adamw_torch_fused"]),

@@ -69,6 +69,8 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
         for micro in divisors:
             est = estimate.estimate(cfg, seq_len, micro, r, mods, ckpt, opt, capacity)
             need = est["total_gib"] * (PACKED_RESERVE if packed else 1.0)
+            if not unsloth:  # the estimate is Unsloth's: the plain path also upcasts and keeps layer inputs
+                need += estimate.hf_extra_gib(estimate.normalise(cfg), seq_len, micro)
             if need <= BUDGET * capacity:
                 fits[ckpt] = (micro, need)
                 break

@@ -45,7 +45,13 @@ def interrupt_callback():
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.restore()
+
+        def restore(self):
+            """Gives Ctrl-C back to whoever had it (a notebook cell, the caller of train()); also called when
+            train() raises, which skips on_train_end."""
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
+            self.previous = {}
 
     return StopOnSignal()

@@ -90,7 +90,9 @@ def push(folder: str, repo_id: str, api=None) -> str:
     except Exception as err:
         # Never echo the token: the message comes from the Hub client, which does not include it.
         raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally in "
-                        f"{folder}; check that HF_TOKEN has write access and retry.") from err
+                        f"{folder}. Check that HF_TOKEN has write access, then upload that folder without training "
+                        f"again: hf upload {repo_id} {folder} . --private --exclude 'checkpoint-*/**' --exclude "
+                        "'training_args.bin' --exclude 'merged-*/**' --exclude 'gguf/**'") from err
     return f"https://huggingface.co/{repo_id}"
 
 

@@ -80,6 +80,11 @@ def test_resume_may_split_the_batch_differently_and_learns_the_same(tmp_path):
     assert a[2]["loss"] != a[1]["loss"]  # the resumed steps trained (the losses moved)
     for x, y in zip(a, b):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    import memory_report  # its figures cover the resumed session only, and it says so
+
+    assert "resumed from checkpoint-2: time, tokens and memory below are this last session's" in \
+        memory_report.show(split)
+    assert "| split (last session) |" in memory_report.compare(split)
 
 
 def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_was_saved(tmp_path):
@@ -112,3 +117,22 @@ def test_bad_arguments_are_refused_before_the_run_folder_is_touched(tmp_path, ti
     with pytest.raises(UserError, match=match):
         train(**quick_args(tmp_path, overwrite=True, **bad))
     assert (tmp_path / "run" / "run.json").read_bytes() == before and not (tmp_path / "run.replaced").exists()
+
+
+def test_a_failed_run_gives_ctrl_c_back(tmp_path, monkeypatch):
+    """Training takes SIGINT/SIGTERM over (checkpoint, then stop); a run that fails inside train() skips
+    on_train_end, and must still hand the handlers back, or Ctrl-C would do nothing in the notebook afterwards."""
+    import signal
+
+    import transformers
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+    def step_fails(self, *a, **k):
+        assert signal.getsignal(signal.SIGINT) not in before[:1]  # the run's own handler is in place here
+        raise RuntimeError("boom inside a step")
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", step_fails)
+    with pytest.raises(RuntimeError, match="boom inside a step"):
+        train(**quick_args(tmp_path, max_steps=2))
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
