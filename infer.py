@@ -90,7 +90,7 @@ def infer(
         raise UserError(MERGED_CANNOT_COMPARE)
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
     if input_file:
-        answered(input_file, output_file)  # and an output file that is not ours to append to
+        answered(input_file, output_file, rows)  # and an output file that is not ours to append to
     from transformers import set_seed
 
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}

@@ -103,7 +103,7 @@ def train(
       cudnn_attention: let PyTorch use cuDNN attention (it re-plans per new row length: ~2x slower steps on an H100).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = none: the adapter is saved, no resuming).
-      report_to: none | tensorboard | wandb.
+      report_to: none | tensorboard | wandb | another transformers integration | several, comma-separated | all.
       output_dir: run folder; default outputs/<model>-<dataset>.
       resume: continue from the newest checkpoint in output_dir.
       overwrite: replace a finished run in output_dir.
@@ -198,7 +198,7 @@ def train(
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=2,
         eval_strategy="steps" if eval_rows is not None else "no",
         eval_steps=max(logging_steps, save_steps or 10) if eval_rows is not None else None,
-        report_to=report_to, ddp_find_unused_parameters=False, dataset_num_proc=None,
+        report_to=checks.report_to(report_to), ddp_find_unused_parameters=False, dataset_num_proc=None,
         include_num_input_tokens_seen="non_padding",  # the same count on both backends (Unsloth logs no num_tokens)
         # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
         use_cpu=not choice.device.startswith("cuda"),
@@ -238,18 +238,14 @@ def train(
         result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
     except BaseException as err:  # KeyboardInterrupt too (a second Ctrl-C): the record must not say "running"
         stopper.restore()
+        settled = ""
         if main_rank:
             run.write_record(output_dir, {**record, "status": "aborted" if isinstance(err, KeyboardInterrupt)
                                           else "failed", "error": f"{type(err).__name__}: {err}"})
-            run.settle(output_dir, replaced, finished=False)
+            settled = run.settle(output_dir, replaced, finished=False)
         if "out of memory" in str(err).lower():
-            smaller = ("drop --fast (it picked micro-batch %d with gradient checkpointing %s)"
-                       % (per_device_train_batch_size, "on" if use_gradient_checkpointing else "off") if fast else
-                       "lower --per_device_train_batch_size and raise --gradient_accumulation_steps as much (same "
-                       "effective batch)")
-            raise UserError(f"out of GPU memory ({err}). Checkpoints already saved in {output_dir} are kept: "
-                            f"continue with --resume and {smaller}. A lower --max_seq_length also fits, in a new run "
-                            "(--overwrite); `python memory_report.py estimate` predicts what fits.") from err
+            advice = oom_advice(output_dir, settled, fast, per_device_train_batch_size, use_gradient_checkpointing)
+            raise UserError(f"out of GPU memory ({err}). {advice}") from err
         raise
     stopped = trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps
 
@@ -280,6 +276,22 @@ def train(
         dist.barrier()
         dist.destroy_process_group()
     return output_dir
+
+
+def oom_advice(output_dir: str, settled: str, fast: bool, micro: int, checkpointing: bool) -> str:
+    """What to run after running out of memory: resume from this run's checkpoints if it has any, else start it
+    again; with a smaller micro-batch (same effective batch) or without --fast."""
+    smaller = (f"without --fast (it picked micro-batch {micro} with gradient checkpointing "
+               f"{'on' if checkpointing else 'off'})" if fast else "with a lower --per_device_train_batch_size and "
+               "a --gradient_accumulation_steps as much higher (same effective batch)")
+    if settled == "restored":
+        how = f"The previous run in {output_dir} is back, unchanged; try again with --overwrite {smaller}"
+    elif run.checkpoints(Path(output_dir)):
+        how = f"Its checkpoints in {output_dir} are kept: continue with --resume {smaller}"
+    else:
+        how = f"No checkpoint was saved yet: start again with --overwrite {smaller}"
+    return (f"{how}. A lower --max_seq_length also fits, in a new run (--overwrite); `python memory_report.py "
+            "estimate` predicts what fits.")
 
 
 if __name__ == "__main__":

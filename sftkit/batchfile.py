@@ -42,30 +42,41 @@ def read_prompts(input_file: str) -> list:
     return rows
 
 
-def answered(input_file: str, output_file: str):
+def answered(input_file: str, output_file: str, rows=None):
     """(rows already answered, the output's lines to keep, whether its last line was torn). Refuses an output
-    file that is the input, or that holds lines this script did not write: appending to it, or dropping its
-    lines, would damage someone's file. Cheap, so infer.py calls it before the model loads."""
+    file that is the input, that holds lines this script did not write, or answers to another input file's
+    prompts (when `rows` are given): appending to it, or dropping its lines, would damage someone's file.
+    Cheap, so infer.py calls it before the model loads."""
     dst = Path(output_file)
     if input_file and Path(input_file).resolve() == dst.resolve():
         raise UserError(f"--output_file is the --input_file ({output_file}): answers would be mixed into the "
                         "prompts. Pass another file, e.g. answers.jsonl.")
     if not dst.is_file():
         return set(), [], False
-    text = dst.read_text(encoding="utf-8")
+    fix = "nothing was changed. Pass a new --output_file (or move this one away)."
+    try:
+        text = dst.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--output_file {output_file} is not a text file of answers: {fix}") from None
     lines = text.splitlines()
     done, kept = set(), []
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-            done.add(row[ROW])
-            kept.append(line)
+            i = row[ROW]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError):
-            if n == len(lines) and not text.endswith("\n"):  # each answer is written with its newline at once,
-                return done, kept, True  # so this one was cut off mid-write by a kill: safe to drop
+            # Answers are written whole, _row first, newline included: only a kill mid-write leaves a last line
+            # that starts like one of ours and has no newline. Anything else is someone's data.
+            if n == len(lines) and not text.endswith("\n") and line.startswith('{"' + ROW + '": '):
+                return done, kept, True
             raise UserError(f"--output_file {output_file} line {n} is not an answer written by infer.py (no "
-                            f"{ROW!r}), so the file is not one to resume: nothing was changed. Pass a new "
-                            "--output_file (or move this one away).") from None
+                            f"{ROW!r}), so the file is not one to resume: {fix}") from None
+        if rows is not None and not (isinstance(i, int) and 0 <= i < len(rows)
+                                     and rows[i].get("instruction") == row.get("instruction")):
+            raise UserError(f"--output_file {output_file} line {n} answers prompt {i!r}, which is not that prompt of "
+                            f"--input_file {input_file}: the answers are another file's, so {fix}")
+        done.add(i)
+        kept.append(line)
     return done, kept, False
 
 
@@ -80,7 +91,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
 
     rows = read_prompts(input_file) if rows is None else rows
     dst = Path(output_file)
-    done, kept, torn = answered(input_file, output_file)
+    done, kept, torn = answered(input_file, output_file, rows)
     if torn:  # a half-written last line from a killed run: dropped, and its row answered again below
         tmp = dst.with_name(dst.name + ".tmp")  # rewrite atomically: a kill now must not lose the answers
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
@@ -101,7 +112,9 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
             answers = g.answer_batch(batch)[:len(chunk)]
             base = g.answer_batch(batch, base=True)[:len(chunk)] if compare_base else None
             for k, ((i, r), a) in enumerate(zip(chunk, answers)):
-                out = {**r, ROW: i, "answer": a["answer"], "stopped": a["stopped"]}
+                # _row first: a kill mid-write leaves a line that still shows it was ours (see answered())
+                out = {ROW: i, **{k: v for k, v in r.items() if k != ROW}, "answer": a["answer"],
+                       "stopped": a["stopped"]}
                 if base:
                     out["base_answer"] = base[k]["answer"]
                 if g.merged:  # re-quantized weights (in 4-bit): a resumed file says which answers came from them

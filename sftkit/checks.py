@@ -5,7 +5,7 @@ import importlib.util
 
 from .errors import UserError
 
-REPORT_TO = ("none", "tensorboard", "wandb")
+REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
 
 
 def numbers(a: dict):
@@ -32,11 +32,18 @@ def numbers(a: dict):
     v = a["val_size"]
     if v < 0 or (v >= 1 and v != int(v)):
         raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
-    if a["report_to"] not in REPORT_TO:
-        raise UserError(f"--report_to {a['report_to']!r} is not one of {', '.join(REPORT_TO)}.")
-    if a["report_to"] != "none" and importlib.util.find_spec(a["report_to"]) is None:
-        raise UserError(f"--report_to {a['report_to']} needs the {a['report_to']} package: pip install "
-                        f"{a['report_to']}")
+    for name in report_to(a["report_to"]):
+        if name not in ("none", "all") and importlib.util.find_spec(name) is None:
+            raise UserError(f"--report_to {name} needs the {name} package (pip install {name}); known names are "
+                            f"transformers' integrations, e.g. {', '.join(REPORT_TO)}, or all.")
+
+
+def report_to(value) -> list:
+    """--report_to as transformers takes it: one name, or several ('tensorboard,wandb', which Fire passes as a
+    tuple)."""
+    from .cli import names
+
+    return names(value) or ["none"]
 
 
 ZERO = {"warmup_steps": "no warm-up", "save_steps": "no checkpoints", "max_samples": "all rows"}

@@ -94,16 +94,19 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
                             "replace the adapter. To train further pass a larger --max_steps with --resume; to "
                             "start again, --overwrite.")
         at = int(ckpts[-1].name.split("-")[-1])
-        if 0 < max_steps <= at:
-            raise UserError(f"--resume --max_steps {max_steps}: the run's newest checkpoint is already at step {at}, "
-                            f"so there is nothing to train. Pass a --max_steps above {at}, or drop it to continue "
-                            "to the recorded one.")
+        if 0 < max_steps < at:  # equal is fine: a run killed after its last checkpoint still gets finished
+            raise UserError(f"--resume: --max_steps {max_steps} (given or recorded) is below the step of the run's "
+                            f"newest checkpoint, {at}: there is nothing to train back to. Pass --max_steps {at} or "
+                            "more.")
         return ckpts[-1]
     if folder.is_dir() and any(folder.iterdir()):
         if overwrite:
             if rec is None:  # never delete what train_unsloth.py did not write
                 raise UserError(f"--overwrite refused: {output_dir!r} is not a run folder (no {RECORD}). Choose "
                                 "an empty or new --output_dir.")
+            if Path.cwd().resolve().is_relative_to(folder.resolve()):
+                raise UserError(f"--overwrite refused: {output_dir!r} is the folder you are working in (or holds "
+                                "it). Pass the run's folder by its name, e.g. --output_dir outputs/my-run.")
             no_leftover(folder)  # known now, before anything loads
         elif status == "finished":
             raise UserError(f"{output_dir!r} already holds a finished run. Pass --overwrite to replace it, or "
@@ -117,12 +120,19 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
     return None
 
 
+def replaced_path(folder) -> Path:
+    """Where --overwrite keeps the run it replaces: beside the real folder (a symlinked --output_dir included)."""
+    real = Path(folder).resolve()
+    return real.with_name(real.name + ".replaced")
+
+
 def no_leftover(folder: Path) -> Path:
     """The folder an --overwrite moves the old run to; refused while one from an earlier --overwrite remains."""
-    old = folder.with_name(folder.name + ".replaced")
-    if old.exists():  # left by an earlier --overwrite whose new run did not finish: maybe the only finished copy
-        raise UserError(f"{old} holds the run an earlier --overwrite of {str(folder)!r} replaced (its new run did "
-                        "not finish). Nothing was changed: delete or move that folder, then retry.")
+    old = replaced_path(folder)
+    if old.exists():  # the run that replaced it has not finished yet: this may be the only finished copy
+        raise UserError(f"{old} holds the run an earlier --overwrite of {str(folder)!r} replaced; it is deleted "
+                        "when the run that replaced it finishes (--resume it). Nothing was changed: finish that "
+                        "run, or delete or move the folder, then retry.")
     return old
 
 
@@ -130,30 +140,36 @@ def set_aside(output_dir: str):
     """--overwrite: moves the previous run to <output_dir>.replaced instead of deleting it, and makes the folder
     anew. Called only once data, model and trainer have loaded; the old run is deleted by settle() when the new
     one has finished, or put back if the new one fails before its first checkpoint. Returns the moved folder."""
-    folder = Path(output_dir)
+    folder = Path(output_dir).resolve()  # a symlinked folder: move what it points to, keep the link
     if not (folder.is_dir() and (folder / RECORD).is_file()):
         folder.mkdir(parents=True, exist_ok=True)
         return None
     old = no_leftover(folder)
     folder.rename(old)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # under torchrun another rank's Trainer may have made it already
     return old
 
 
-def settle(output_dir: str, old, finished: bool):
-    """After an --overwrite: a finished new run drops the old one; a failed one that saved no checkpoint puts the
-    old run back (nothing was gained, nothing is lost); otherwise both are kept and the log says where."""
-    if old is None or not old.exists():
-        return
-    folder = Path(output_dir)
+def settle(output_dir: str, old, finished: bool) -> str:
+    """After an --overwrite: a finished new run drops the old one (also when it finished in a later --resume); a
+    failed one that saved no checkpoint puts the old run back (nothing was gained, nothing is lost); otherwise
+    both are kept and the log says where. Returns "restored", "kept" or ""."""
+    folder = Path(output_dir).resolve()
     if finished:
-        shutil.rmtree(old)
-    elif not checkpoints(folder):
+        old = replaced_path(folder)
+        if old.is_dir() and (old / RECORD).is_file():
+            shutil.rmtree(old)
+            log.info("this run replaced the one in %s, now deleted", old)
+        return ""
+    if old is None or not old.exists():
+        return ""
+    if not checkpoints(folder):
         shutil.rmtree(folder)
         old.rename(folder)
         log.info("the new run failed before its first checkpoint: the previous run is back in %s", output_dir)
-    else:
-        log.info("the previous run is kept in %s (delete it once this run is resumed and finished)", old)
+        return "restored"
+    log.info("the previous run is kept in %s until this one is resumed and finishes", old)
+    return "kept"
 
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway); every other one the

@@ -91,6 +91,15 @@ def test_batch_output_that_infer_did_not_write_is_refused_and_left_alone(tmp_pat
     ours.write_text('{"instruction": "a", "_row": 0, "answer": "x"}\n{"note": "mine"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="a.jsonl line 2 is not an answer"):
         infer(model_name=TINY, input_file=src, output_file=str(ours))
+    config = tmp_path / "config.json"  # one line, no newline: looks cut off, but not like one of our answers
+    config.write_text('{"lr": 0.001}', encoding="utf-8")
+    with pytest.raises(UserError, match="config.json line 1 is not an answer"):
+        infer(model_name=TINY, input_file=src, output_file=str(config))
+    assert config.read_text(encoding="utf-8") == '{"lr": 0.001}'
+    other = tmp_path / "other.jsonl"  # infer's answers, but to another file's prompts
+    other.write_text('{"_row": 1, "instruction": "not b", "answer": "x"}\n', encoding="utf-8")
+    with pytest.raises(UserError, match="line 1 answers prompt 1, which is not that prompt of --input_file"):
+        infer(model_name=TINY, input_file=src, output_file=str(other))
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -90,9 +90,11 @@ def test_resume_may_split_the_batch_differently_and_learns_the_same(tmp_path):
 def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_was_saved(tmp_path):
     out = train(**quick_args(tmp_path, max_steps=4, save_steps=2))
     rec_path = Path(out) / "run.json"
-    rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "status": "interrupted"}))
-    with pytest.raises(UserError, match="newest checkpoint is already at step 4.*above 4"):
+    rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "status": "running"}))  # killed at the end
+    with pytest.raises(UserError, match=r"--max_steps 3 \(given or recorded\) is below .* newest checkpoint, 4"):
         train(output_dir=out, resume=True, max_steps=3)
+    train(output_dir=out, resume=True)  # killed after its last checkpoint: a plain --resume still finishes it
+    assert json.loads(rec_path.read_text())["status"] == "finished"
     for ckpt in run.checkpoints(Path(out)):
         shutil.rmtree(ckpt)
     with pytest.raises(UserError, match="saved no checkpoint.*--overwrite"):
@@ -107,7 +109,7 @@ def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_w
     ({"max_steps": -1, "num_train_epochs": 0.0}, "--num_train_epochs must be above 0"),
     ({"max_samples": -3}, "--max_samples must be 0 or more.*all rows"),
     ({"save_steps": -1}, "--save_steps must be 0 or more"),
-    ({"report_to": "tensorbord"}, "--report_to 'tensorbord' is not one of none, tensorboard, wandb"),
+    ({"report_to": "tensorbord"}, "--report_to tensorbord needs the tensorbord package.*e.g. none, tensorboard"),
     ({"optim": "adamw_8bti"}, "--optim 'adamw_8bti' is not known to transformers.*adamw_8bit"),
     ({"lr_scheduler_type": "cosin"}, "--lr_scheduler_type 'cosin' is not known.*cosine"),
 ])
@@ -136,3 +138,59 @@ def test_a_failed_run_gives_ctrl_c_back(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom inside a step"):
         train(**quick_args(tmp_path, max_steps=2))
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_overwrite_through_a_symlink_and_of_the_working_folder(tmp_path, tiny_run, monkeypatch):
+    real = tmp_path / "disk" / "run"
+    real.parent.mkdir()
+    shutil.copytree(tiny_run, real)
+    link = tmp_path / "run"
+    link.symlink_to(real, target_is_directory=True)
+    out = train(**quick_args(tmp_path, max_steps=2, save_steps=0, overwrite=True))  # output_dir is the link
+    assert link.is_symlink() and (real / "run.json").is_file() and [m["step"] for m in metrics(out)] == [1, 2]
+    assert not (tmp_path / "disk" / "run.replaced").exists() and not (tmp_path / "run.replaced").exists()
+    monkeypatch.chdir(real)
+    with pytest.raises(UserError, match="is the folder you are working in"):
+        train(**{**quick_args(tmp_path, max_steps=2, overwrite=True), "output_dir": "."})
+    assert (real / "run.json").is_file()
+
+
+def test_a_kept_old_run_goes_when_the_new_one_is_resumed_to_the_end(tmp_path, tiny_run, monkeypatch):
+    """--overwrite, then the new run fails after its first checkpoint: both are kept. Resumed and finished, the
+    new run then drops the old one, so a later --overwrite is not blocked by it."""
+    import transformers
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    real_step, calls = transformers.Trainer.training_step, []
+
+    def fails_in_step_3(self, *a, **k):  # 4 micro-batches a step: call 9 is step 3, after checkpoint-2
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("boom in step 3")
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", fails_in_step_3)
+    with pytest.raises(RuntimeError, match="boom in step 3"):
+        train(**quick_args(tmp_path, max_steps=4, save_steps=2, overwrite=True))
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "checkpoint-2").is_dir() and (tmp_path / "run.replaced" / "run.json").is_file()
+    train(output_dir=str(tmp_path / "run"), resume=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+    assert not (tmp_path / "run.replaced").exists()
+
+
+def test_out_of_memory_advice_fits_what_is_left(tmp_path, tiny_run, monkeypatch):
+    import torch
+    import trl
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trl.SFTTrainer, "train", oom)
+    shutil.copytree(tiny_run, tmp_path / "run")
+    with pytest.raises(UserError, match="previous run in .* is back, unchanged; try again with --overwrite"):
+        train(**quick_args(tmp_path, max_steps=2, overwrite=True))
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
+    with pytest.raises(UserError, match="No checkpoint was saved yet: start again with --overwrite with a lower "
+                                       "--per_device_train_batch_size"):
+        train(**quick_args(tmp_path / "fresh", max_steps=2))
