@@ -1,6 +1,7 @@
 """train_unsloth.py's argument checks that need no model or data: a typo fails in a second, before the slow
 load, and never after --overwrite has moved a finished run aside. Each error names the argument and the fix."""
 
+import difflib
 import importlib.util
 
 from .errors import UserError
@@ -59,6 +60,6 @@ def names(optim: str, lr_scheduler_type: str):
                                         ("lr_scheduler_type", lr_scheduler_type, [s.value for s in SchedulerType],
                                          "linear")):
         if value not in known:
-            close = [k for k in known if k.startswith(value[:4])][:6]
+            close = difflib.get_close_matches(value, known, n=4)
             raise UserError(f"--{flag} {value!r} is not known to transformers; e.g. {example}"
                             + (f" (close: {', '.join(close)})." if close else "."))
