@@ -50,7 +50,10 @@ def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: s
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=choice.torch_dtype())
     if choice.device.startswith("cuda"):
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+        device, why = merge_device(mode, sixteen_bit_gib(model_name), free / 2**30)
+        log.info("merging on the %s: %s", device, why)
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "GPU" else "cpu"}
     base = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     merged.save_pretrained(out)
@@ -58,6 +61,31 @@ def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: s
     if choice.dtype == "fp32":
         log.info("merged model saved in fp32, the dtype it was trained in on this CPU")
     return out
+
+
+def sixteen_bit_gib(model_name: str) -> float:
+    """GiB of the model's weights in 16-bit, from its config (0 when the shape is unknown offline)."""
+    from . import estimate
+
+    try:
+        cfg = estimate.normalise(estimate.load_config(model_name)[0])
+    except UserError:
+        return 0.0
+    return (estimate.quantized_params(cfg) + estimate.half_params(cfg)) * 2 / 2**30
+
+
+def merge_device(mode: str, need_gib: float, free_gib: float) -> tuple[str, str]:
+    """Where the plain path merges: the GPU when the fresh base fits beside the training model, else the CPU
+    (RAM of the size of the 16-bit model; slower, but the GPU would run out: an 8B base is ~15 GiB in 16-bit, a
+    whole T4). 4-bit merges need the GPU, where bitsandbytes quantizes."""
+    if mode == "4bit":
+        return "GPU", "a 4-bit merge quantizes with bitsandbytes on the GPU"
+    if not need_gib:
+        return "GPU", "the base's size is unknown offline, so it is tried on the GPU"
+    if need_gib < 0.9 * free_gib:
+        return "GPU", f"the base ({need_gib:.1f} GiB in 16-bit) fits the GPU's {free_gib:.1f} GiB free"
+    return "CPU", (f"the base ({need_gib:.1f} GiB in 16-bit) does not fit the {free_gib:.1f} GiB free on the GPU; "
+                   f"this needs about {need_gib:.0f} GiB of RAM")
 
 
 def save_gguf(model, tokenizer, run_dir: str, quant: str, choice) -> str:

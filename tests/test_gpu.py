@@ -122,6 +122,36 @@ def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
     assert len(json.loads(lines["MERGED"])) > int(lines["PROMPT"])  # new tokens were generated
 
 
+HF_MERGE_ON_CPU = """
+import sys
+import sftkit.saving
+# As when a 16-bit base does not fit beside the training model (an 8B base on a T4): merge_device picks the CPU.
+sftkit.saving.merge_device = lambda mode, need, free: ("CPU", "as if the base did not fit the GPU")
+from train_unsloth import train
+train(model_name=sys.argv[1], dataset=sys.argv[2], output_dir=sys.argv[3], backend="hf", max_samples=16,
+      max_steps=10, learning_rate=1e-2, warmup_steps=0, save_steps=0, save_merged="16bit")
+"""
+
+
+def test_hf_backend_merges_on_the_cpu_when_the_gpu_is_short(tmp_path):
+    """The plain path's 16-bit merge loads a fresh base; where it would not fit the GPU it is loaded and merged on
+    the CPU instead. The merged model must still give the adapter's greedy tokens (fresh processes: no Unsloth)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, "-c", HF_MERGE_ON_CPU, TINY, SAMPLE, str(out)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "merging on the CPU: as if the base did not fit the GPU" in res.stderr
+    cmp = subprocess.run([sys.executable, "-c", COMPARE_IN_PLAIN_TRANSFORMERS, str(out / "merged-16bit"), str(out),
+                          str(TINY)], capture_output=True, text=True, timeout=300)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in cmp.stdout.splitlines() if line.startswith(("MERGED", "ADAPTED")))
+    print(lines)
+    assert lines["MERGED"] == lines["ADAPTED"]
+
+
 def test_gguf_without_llama_cpp_fails_after_the_adapter_is_saved(tmp_path):
     from sftkit.errors import UserError
     from train_unsloth import train

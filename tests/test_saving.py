@@ -77,3 +77,17 @@ def test_push_uses_the_env_token_and_never_saves_or_prints_it(tmp_path, monkeypa
             assert SECRET.encode() not in f.read_bytes(), f
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err + caplog.text
+
+
+def test_the_plain_path_merges_on_the_cpu_when_the_16bit_base_would_not_fit_the_gpu():
+    """--save_merged 16bit on the hf backend loads a fresh 16-bit base beside the training model: an 8B base is
+    ~15 GiB, a whole T4, so there it must go to the CPU; small models stay on the GPU; 4-bit needs the GPU."""
+    from sftkit.saving import merge_device, sixteen_bit_gib
+
+    eight_b = sixteen_bit_gib("unsloth/Meta-Llama-3.1-8B")  # the built-in shape: no download
+    assert 14.5 < eight_b < 15.5
+    device, why = merge_device("16bit", eight_b, free_gib=8.5)  # a T4 with the 4-bit training model on it
+    assert device == "CPU" and "does not fit the 8.5 GiB free" in why and "15 GiB of RAM" in why
+    assert merge_device("16bit", eight_b, free_gib=70.0)[0] == "GPU"
+    assert merge_device("4bit", eight_b, free_gib=8.5)[0] == "GPU"
+    assert merge_device("16bit", sixteen_bit_gib(TINY), free_gib=8.5)[0] == "GPU"
