@@ -123,8 +123,9 @@ def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
 
 
 HF_MERGE_ON_CPU = """
-import sys
+import logging, sys
 import sftkit.saving
+logging.basicConfig(level=logging.INFO)  # as run_cli does for the scripts: the merge logs where it runs
 # As when a 16-bit base does not fit beside the training model (an 8B base on a T4): merge_device picks the CPU.
 sftkit.saving.merge_device = lambda mode, need, free: ("CPU", "as if the base did not fit the GPU")
 from train_unsloth import train
