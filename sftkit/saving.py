@@ -13,6 +13,8 @@ from .errors import UserError
 
 log = logging.getLogger("sftkit")
 MERGED = ("", "16bit", "4bit")
+# Left out of a Hub upload: checkpoints and optimizer states stay local, other exports go separately.
+NOT_UPLOADED = ("checkpoint-*", "checkpoint-*/**", "*.pt", "training_args.bin", ".run.*", "merged-*/**", "gguf/**")
 
 
 def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice):
@@ -112,15 +114,13 @@ def push(folder: str, repo_id: str, api=None) -> str:
         api = HfApi(token=os.environ.get("HF_TOKEN"))
     try:
         api.create_repo(repo_id, exist_ok=True, private=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id,
-                          ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.pt", "training_args.bin",
-                                           ".run.*", "merged-*/**", "gguf/**"])
+        api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=list(NOT_UPLOADED))
     except Exception as err:
         # Never echo the token: the message comes from the Hub client, which does not include it.
+        excludes = " ".join(f"--exclude '{x}'" for x in NOT_UPLOADED)
         raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally in "
                         f"{folder}. Check that HF_TOKEN has write access, then upload that folder without training "
-                        f"again: hf upload {repo_id} {folder} . --private --exclude 'checkpoint-*/**' --exclude "
-                        "'training_args.bin' --exclude 'merged-*/**' --exclude 'gguf/**'") from err
+                        f"again: hf upload {repo_id} {folder} . --private {excludes}") from err
     return f"https://huggingface.co/{repo_id}"
 
 

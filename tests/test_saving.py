@@ -91,3 +91,18 @@ def test_the_plain_path_merges_on_the_cpu_when_the_16bit_base_would_not_fit_the_
     assert merge_device("16bit", eight_b, free_gib=70.0)[0] == "GPU"
     assert merge_device("4bit", eight_b, free_gib=8.5)[0] == "GPU"
     assert merge_device("16bit", sixteen_bit_gib(TINY), free_gib=8.5)[0] == "GPU"
+
+
+def test_a_failed_upload_says_how_to_upload_without_training_again(tmp_path, monkeypatch):
+    from sftkit.saving import NOT_UPLOADED, push
+
+    class Refused(FakeApi):
+        def upload_folder(self, **kw):
+            raise PermissionError("403: token has read access only")
+
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    with pytest.raises(UserError) as err:
+        push(str(tmp_path), "me/tiny-ko", api=Refused(token=SECRET))
+    msg = str(err.value)
+    assert "403" in msg and f"hf upload me/tiny-ko {tmp_path} . --private" in msg and SECRET not in msg
+    assert all(f"--exclude '{x}'" in msg for x in NOT_UPLOADED)  # the same files left out as by the upload itself
