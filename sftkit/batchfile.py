@@ -101,7 +101,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
     width = min(batch_size, len(todo))
     if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
-        need = max(len(g.prompt_ids(r.get("instruction", ""), r.get("input", ""), row=r)) for _, r in todo)
+        need = max(len(g.row_ids(r)) for _, r in todo)
         g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
     with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
@@ -113,7 +113,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
             base = g.answer_batch(batch, base=True)[:len(chunk)] if compare_base else None
             for k, ((i, r), a) in enumerate(zip(chunk, answers)):
                 # _row first: a kill mid-write leaves a line that still shows it was ours (see answered())
-                out = {ROW: i, **{k: v for k, v in r.items() if k != ROW}, "answer": a["answer"],
+                out = {ROW: i, **{key: v for key, v in r.items() if key != ROW}, "answer": a["answer"],
                        "stopped": a["stopped"]}
                 if base:
                     out["base_answer"] = base[k]["answer"]

@@ -7,6 +7,7 @@ import importlib.util
 from .errors import UserError
 
 REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+ZERO = {"warmup_steps": "no warm-up", "save_steps": "no checkpoints", "max_samples": "all rows"}  # what 0 means
 
 
 def numbers(a: dict):
@@ -45,9 +46,6 @@ def report_to(value) -> list:
     from .cli import names
 
     return names(value) or ["none"]
-
-
-ZERO = {"warmup_steps": "no warm-up", "save_steps": "no checkpoints", "max_samples": "all rows"}
 
 
 def names(optim: str, lr_scheduler_type: str):

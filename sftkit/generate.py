@@ -89,9 +89,12 @@ class Generator:
             streamer = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         return self._generate([self.prompt_ids(instruction, input, history)], streamer, base)[0]
 
+    def row_ids(self, row: dict) -> list:
+        """prompt_ids of a batch file's line: its instruction, input and any further template fields."""
+        return self.prompt_ids(row.get("instruction", ""), row.get("input", ""), row=row)
+
     def answer_batch(self, rows: list, base: bool = False) -> list:
-        return self._generate([self.prompt_ids(r.get("instruction", ""), r.get("input", ""), row=r) for r in rows],
-                              base=base)
+        return self._generate([self.row_ids(r) for r in rows], base=base)
 
 
 def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpaca_ko", backend: str = "auto",

@@ -36,9 +36,13 @@ def default_name(model_name: str, dataset: str) -> str:
     return str(Path("outputs") / f"{short(model_name)}-{short(dataset)}")
 
 
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def checkpoints(folder: Path) -> list[Path]:
     found = [p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=step_of)
 
 
 def read_record(folder) -> dict:
@@ -93,7 +97,7 @@ def prepare(output_dir: str, overwrite: bool, resume: bool, max_steps: int = -1)
             raise UserError(f"{output_dir!r} already finished at step {done}; resuming would train past it and "
                             "replace the adapter. To train further pass a larger --max_steps with --resume; to "
                             "start again, --overwrite.")
-        at = int(ckpts[-1].name.split("-")[-1])
+        at = step_of(ckpts[-1])
         if 0 < max_steps < at:  # equal is fine: a run killed after its last checkpoint still gets finished
             raise UserError(f"--resume: --max_steps {max_steps} (given or recorded) is below the step of the run's "
                             f"newest checkpoint, {at}: there is nothing to train back to. Pass --max_steps {at} or "

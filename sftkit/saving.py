@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import run
+from . import estimate, run
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -53,7 +53,7 @@ def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: s
                                                            bnb_4bit_compute_dtype=choice.torch_dtype())
     if choice.device.startswith("cuda"):
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-        device, why = merge_device(mode, sixteen_bit_gib(model_name), free / 2**30)
+        device, why = merge_device(mode, sixteen_bit_gib(model_name), free / estimate.GIB)
         log.info("merging on the %s: %s", device, why)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "GPU" else "cpu"}
     base = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
@@ -67,13 +67,11 @@ def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: s
 
 def sixteen_bit_gib(model_name: str) -> float:
     """GiB of the model's weights in 16-bit, from its config (0 when the shape is unknown offline)."""
-    from . import estimate
-
     try:
         cfg = estimate.normalise(estimate.load_config(model_name)[0])
     except UserError:
         return 0.0
-    return (estimate.quantized_params(cfg) + estimate.half_params(cfg)) * 2 / 2**30
+    return (estimate.quantized_params(cfg) + estimate.half_params(cfg)) * estimate.HALF_BYTES / estimate.GIB
 
 
 def merge_device(mode: str, need_gib: float, free_gib: float) -> tuple[str, str]:
