@@ -25,7 +25,7 @@ log = logging.getLogger("sftkit")
 def infer(
     adapter: str = "",
     model_name: str = "",
-    prompt: str = "alpaca_ko",
+    prompt: str = "",
     instruction: str = "",
     input: str = "",
     chat: bool = False,
@@ -52,7 +52,7 @@ def infer(
     Args:
       adapter: a run folder written by train_unsloth.py (holds run.json and the LoRA adapter).
       model_name: base model (Hub id or folder); with --adapter it overrides the recorded base.
-      prompt: template name from prompts/ when no --adapter is given.
+      prompt: template name from prompts/ for a plain --model_name (default alpaca_ko); a run uses its own.
       instruction: the question or task (one-prompt mode).
       input: optional extra context for the instruction.
       chat: interactive mode: read prompts line by line from stdin until EOF or Ctrl-C.

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from sftkit import estimate as est
-from sftkit import memory, run
+from sftkit import memory
+from sftkit.runfolder import RunFolder, RunRecord
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
 
@@ -43,12 +44,12 @@ def now() -> dict:
     return snap
 
 
-def finished_record(folder) -> dict:
+def finished_record(folder) -> RunRecord:
     """run.json of a run that got to the end (it has the memory figures), or a UserError saying how to finish it."""
-    record = run.read_record(folder)
-    if not isinstance(record.get("memory"), dict):
-        status = record.get("status", "unknown")
-        why = f": {record['error']}" if record.get("error") else ""
+    record = RunFolder(folder).read()
+    if not isinstance(record.memory, dict):
+        status = record.status
+        why = f": {record.error}" if record.error else ""
         raise UserError(f"run {str(folder)!r} did not finish (status {status!r}{why}), so run.json has no memory "
                         f"figures yet. Resume it with `python train_unsloth.py --resume --output_dir {folder}` "
                         "(or wait for it to end), then run this again.")
@@ -62,14 +63,14 @@ def show(run_dir: str = "") -> str:
       run_dir: a run folder written by train_unsloth.py (holds run.json).
     """
     rec = finished_record(run_dir)
-    fig, backend, metrics = rec["memory"], rec.get("backend", {}), rec.get("metrics", {})
+    fig, backend, metrics = rec.memory, rec.backend, rec.metrics or {}
     loss = metrics.get("final_loss")
-    lines = [f"run: {run_dir} ({rec.get('status', 'unknown')}, {metrics.get('global_step', '?')} steps)",
+    lines = [f"run: {run_dir} ({rec.status}, {metrics.get('global_step', '?')} steps)",
              f"device: {fig['device']}, backend: {backend.get('backend', '?')}, dtype: {backend.get('dtype', '?')}, "
              f"memory measured: {fig['memory_kind']}, total {fig['total_gb']} GB",
              memory.format_report(fig)]
-    if rec.get("resumed_from"):  # the trainer's runtime and token count restart with each session
-        lines.insert(1, f"resumed from {Path(rec['resumed_from']).name}: time, tokens and memory below are this "
+    if rec.resumed_from:  # the trainer's runtime and token count restart with each session
+        lines.insert(1, f"resumed from {Path(rec.resumed_from).name}: time, tokens and memory below are this "
                         "last session's, not the whole run's")
     if fig.get("peak_allocated_gb") is not None:  # GPU runs: what tensors used at most, inside the reserved peak
         lines.append(f"Peak allocated memory = {fig['peak_allocated_gb']} GB.")
@@ -86,7 +87,7 @@ def read_metrics(run_dir) -> list:
     """The per-step lines of RUN/metrics.jsonl, one per step (a resumed run keeps the later line of a step)."""
     path = Path(run_dir) / METRICS
     if not str(run_dir or "").strip() or not Path(run_dir).is_dir():
-        run.read_record(run_dir)  # raises the clear "no folder given" or "folder does not exist" error
+        RunFolder(run_dir).read()  # raises the clear "no folder given" or "folder does not exist" error
     if not path.is_file():
         raise UserError(f"{str(run_dir)!r} has no {METRICS}: the run logged no step yet, or the folder was not "
                         "written by train_unsloth.py. Train (or --resume) until at least one step is logged, "
@@ -160,10 +161,10 @@ def compare(*run_dirs: str) -> str:
             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for folder in run_dirs:
         rec = finished_record(folder)
-        fig, loss = rec["memory"], rec.get("metrics", {}).get("final_loss")
+        fig, loss = rec.memory, (rec.metrics or {}).get("final_loss")
         peak = f"{fig['peak_reserved_gb']}" + ("" if fig["memory_kind"] == "gpu" else " (RSS)")
-        name = Path(str(folder)).resolve().name + (" (last session)" if rec.get("resumed_from") else "")
-        cells = [name, rec.get("backend", {}).get("backend", "?"), fig["device"],
+        name = Path(str(folder)).resolve().name + (" (last session)" if rec.resumed_from else "")
+        cells = [name, rec.backend.get("backend", "?"), fig["device"],
                  fig["train_seconds"], fig.get("tokens_per_second") or "-", peak,
                  round(loss, 4) if loss is not None else "-"]
         rows.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -239,19 +240,8 @@ def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int 
     return res
 
 
-def _cli(fn):
-    """Fire prints what a command returns; the commands print already, so the CLI drops the return value."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        fn(*args, **kwargs)
-
-    return wrapper
-
-
-COMMANDS = {name: _cli(fn) for name, fn in
-            {"now": now, "show": show, "plot": plot, "compare": compare, "estimate": estimate}.items()}
+# run_cli drops what a command returns (Fire would print it again): each prints its own output.
+COMMANDS = {"now": now, "show": show, "plot": plot, "compare": compare, "estimate": estimate}
 
 if __name__ == "__main__":
     if len(sys.argv) == 1:

@@ -59,7 +59,7 @@ def main(model_dir: str, seq_lens: str = "512,2048", memory_cap_gb: float = 0.0,
     for length in lens:
         path = make_data(Path("/tmp/sftkit-bench") / f"fixed-{length}.jsonl", n=batch * steps, fixed=length)
         raw = Dataset.from_list([json.loads(x) for x in path.read_text().splitlines()])
-        rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+        rows = data.add_eos(data.read_rows(raw, prompts.load("alpaca_ko"))[0], tok.eos_token)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -93,7 +93,7 @@ def prepared_rows(path: Path, n: int, tokenizer):
     from sftkit import data, prompts
 
     raw = Dataset.from_list([json.loads(x) for x in make_data(path, n=n, mean_tokens=325).read_text().splitlines()])
-    return data.prepare(raw, prompts.load("alpaca_ko"), tokenizer.eos_token)[0]
+    return data.add_eos(data.read_rows(raw, prompts.load("alpaca_ko"))[0], tokenizer.eos_token)
 
 
 def parse_config(cfg: str, extra) -> tuple:

@@ -6,7 +6,8 @@ import importlib.util
 
 from .errors import UserError
 
-REPORT_TO = ("none", "tensorboard", "wandb", "mlflow")
+# pip package of a transformers integration, where it is not the integration's own name
+PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}
 ZERO = {"warmup_steps": "no warm-up", "save_steps": "no checkpoints", "max_samples": "all rows"}  # what 0 means
 
 
@@ -34,10 +35,6 @@ def numbers(a: dict):
     v = a["val_size"]
     if v < 0 or (v >= 1 and v != int(v)):
         raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
-    for name in report_to(a["report_to"]):
-        if name not in ("none", "all") and importlib.util.find_spec(name) is None:
-            raise UserError(f"--report_to {name} needs the {name} package (pip install {name}); known names are "
-                            f"transformers' integrations, e.g. {', '.join(REPORT_TO)}, or all.")
 
 
 def report_to(value) -> list:
@@ -48,9 +45,23 @@ def report_to(value) -> list:
     return names(value) or ["none"]
 
 
-def names(optim: str, lr_scheduler_type: str):
+def known_names(optim: str, lr_scheduler_type: str, reporters=("none",)):
     """Names transformers must know. Imports transformers, so call it after the backend is chosen (Unsloth
     has to be imported first)."""
+    from transformers.integrations import integration_utils
+
+    known = list(integration_utils.INTEGRATION_TO_CALLBACK)
+    installed = set(integration_utils.get_available_reporting_integrations())
+    for name in report_to(reporters):
+        if name in ("none", "all") or name in installed:
+            continue
+        if name not in known:  # never suggest installing a typo: a look-alike package may be anything
+            close = difflib.get_close_matches(name, known, n=1)
+            raise UserError(f"--report_to {name!r} is not one of transformers' integrations"
+                            + (f"; did you mean {close[0]!r}?" if close else "") + f" Known: {', '.join(known)}, "
+                            "none, all.")
+        raise UserError(f"--report_to {name} needs its package: pip install {PACKAGES.get(name, name)}, or drop "
+                        "--report_to (metrics.jsonl and `memory_report.py plot` need nothing).")
     from transformers.trainer_utils import SchedulerType
     from transformers.training_args import OptimizerNames
 

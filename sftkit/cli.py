@@ -1,15 +1,20 @@
-"""Command-line glue shared by the scripts: Fire, log format, and clean exits on bad input."""
+"""Command-line glue shared by the scripts: strict flags, help from the docstring, Fire, one-line errors.
 
+Fire leaves a mistyped flag unconsumed and complains only after the function has run (a `--max_step 2` trained
+the default 60 steps). So the command line is checked against the function's signature first: an unknown flag
+is an error before anything runs, naming the closest known one. The function then receives only the arguments
+that were typed, as a Python caller's keywords would be, so "--max_steps 60" is known from no --max_steps at all.
+"""
+
+import difflib
+import inspect
 import logging
 import math
+import re
 import sys
 
-from .errors import UserError
+from .errors import Stopped, UserError
 
-# Names of the arguments typed on the command line, collected while run_cli runs (None outside it). Fire calls
-# a function with every argument, defaults filled in, so only its parse functions see what the user typed;
-# run.resumable needs that to tell "--max_steps 60" from no --max_steps at all.
-GIVEN = None
 TRUE, FALSE = {"true", "yes", "y", "on", "1"}, {"false", "no", "n", "off", "0"}
 
 
@@ -21,40 +26,146 @@ def names(value) -> list:
     return [str(x).strip() for x in items if str(x).strip()]
 
 
-def run_cli(fn):
-    """Runs `fn` (a function, or a dict of command name -> function) through Fire; a UserError becomes one
-    clear line on stderr and exit status 2."""
-    import fire
-
-    global GIVEN
-    GIVEN = set()
+def run_cli(fn, argv=None):
+    """Runs `fn` (a function, or a dict of command name -> function) from the command line. A UserError becomes
+    one line on stderr and exit status 2; Ctrl-C one line and 130; a training stopped by a signal (after saving) 130
+    or 143."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
-        fire.Fire({name: typed(f) for name, f in fn.items()} if isinstance(fn, dict) else typed(fn))
+        if isinstance(fn, dict):
+            name, fn, argv = command_of(fn, argv)
+            prog = f"{sys.argv[0]} {name}"
+        else:
+            prog = sys.argv[0]
+        if {"-h", "--help", "-help"} & set(argv):
+            print(help_text(fn, prog))
+            return
+        given = check_flags(fn, argv)
+        quiet_libraries()
+        import fire
+
+        fire.Fire(typed(only_given(fn, given)), command=argv, name=prog)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def quiet_libraries():
+    """Silences what a user cannot act on: import-time deprecation notes from torch's pytree registry, bitsandbytes'
+    CPU kernel hint, the tokenizer's and the data sets' per-map progress bars. The backend line, the training
+    progress bar, the report and the warnings that matter (errors) stay."""
+    import torch  # noqa: F401  (configures its loggers first; the levels set below must come after)
+
+    for name in ("torch.utils._pytree", "bitsandbytes", "datasets", "transformers.tokenization_utils_base"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()  # its progress bars stay: the Trainer's is one of them
+
+
+def command_of(commands: dict, argv: list):
+    """memory_report.py's subcommands: the first word names one (a default is the caller's business)."""
+    if not argv or argv[0].startswith("-"):
+        if {"-h", "--help", "-help"} & set(argv):
+            print("commands: " + ", ".join(commands) + "\n\n" + "\n".join(
+                f"  {n:<10}{(inspect.getdoc(f) or '').splitlines()[0]}" for n, f in commands.items()))
+            raise SystemExit(0)
+        raise UserError(f"name a command: {', '.join(commands)}.")
+    name = argv[0]
+    if name not in commands:
+        close = difflib.get_close_matches(name, list(commands), n=1)
+        raise UserError(f"unknown command {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                        + f" Commands: {', '.join(commands)}.")
+    return name, commands[name], argv[1:]
+
+
+def params(fn) -> dict:
+    return {n: p for n, p in inspect.signature(fn).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_flags(fn, argv: list) -> set:
+    """The names typed (flags, and parameters filled by position); an unknown flag is a UserError naming the
+    closest known one."""
+    known = params(fn)
+    given, positional, i = set(), 0, 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and len(token) > 2:
+            flag, has_value = token[2:].split("=", 1)[0].replace("-", "_"), "=" in token
+            name = flag
+            if name not in known and name.startswith("no") and known.get(name[2:]) is not None \
+                    and known[name[2:]].annotation is bool:
+                name = name[2:]  # Fire's --noflag
+            if name not in known:
+                close = difflib.get_close_matches(flag, list(known), n=1, cutoff=0.6)
+                hint = f"; did you mean --{close[0]}?" if close else f". Known flags: --{', --'.join(known)}."
+                raise UserError(f"unknown flag --{flag}{hint} Nothing was run (--help lists every flag).")
+            given.add(name)
+            takes_value = not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            if known[name].annotation is bool and takes_value and argv[i + 1].lower() not in TRUE | FALSE:
+                takes_value = False  # `--chat prompts.txt` is a switch and a stray word, as Fire reads it
+            i += 2 if takes_value else 1
+            continue
+        positional += 1
+        i += 1
+    order = [n for n, p in known.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    star = any(p.kind == p.VAR_POSITIONAL for p in inspect.signature(fn).parameters.values())
+    if positional > len(order) and not star:
+        raise UserError(f"{positional} value(s) without a flag; this command takes flags such as --{order[0]} "
+                        "VALUE (--help lists them)." if order else "this command takes no values.")
+    return given | set(order[:positional])
+
+
+def only_given(fn, given: set):
+    """A wrapper Fire can call with every argument filled in; `fn` receives only the typed ones."""
+    sig = inspect.signature(fn)
+    if any(p.kind == p.VAR_POSITIONAL for p in sig.parameters.values()):
+        def call(*args, **kwargs):
+            fn(*args, **kwargs)  # Fire would print the return value: the commands print their own output
+    else:
+        def call(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs).arguments
+            fn(**{k: v for k, v in bound.items() if k in given})
+    call.__signature__ = sig
+    call.__doc__, call.__name__ = fn.__doc__, fn.__name__
+    return call
+
+
+def help_text(fn, prog: str) -> str:
+    """Usage and one line per argument, from the signature and the docstring's Args section."""
+    doc = inspect.getdoc(fn) or ""
+    head, _, args_part = doc.partition("Args:")
+    described = dict(re.findall(r"^\s*(\w+):\s*(.+)$", args_part, flags=re.M))
+    lines = [f"usage: {prog} [--FLAG VALUE ...]", "", head.strip(), "", "flags:"]
+    for name, p in params(fn).items():
+        default = "" if p.default is inspect.Parameter.empty else f" (default: {p.default!r})"
+        kind = getattr(p.annotation, "__name__", "")
+        lines.append(f"  --{name} {kind.upper()}{default}\n      {described.get(name, '')}")
+    return "\n".join(lines)
 
 
 def typed(fn):
-    """Parse functions for every named argument of `fn`: they note that it was typed (GIVEN) and read it by its
-    annotation, where Fire's own reading surprises: "hi, there" would be a tuple and "2024" an int for a str
-    argument, `--packing false` the truthy text 'false', and `--r abc` a crash deep inside."""
-    import inspect
-
+    """Parse functions for every named argument of `fn`, read by its annotation where Fire's own reading
+    surprises: "hi, there" would be a tuple and "2024" an int for a str argument, `--packing false` the truthy
+    text 'false', and `--r abc` a crash deep inside."""
     from fire.decorators import SetParseFns
 
-    if not inspect.isfunction(fn):
-        return fn
-    named = [(n, p.annotation) for n, p in inspect.signature(fn).parameters.items()
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    return SetParseFns(**{name: parser(name, kind) for name, kind in named})(fn)
+    return SetParseFns(**{name: parser(name, p.annotation) for name, p in params(fn).items()})(fn)
 
 
 def parser(name: str, kind):
     def parse(text):
-        if GIVEN is not None:
-            GIVEN.add(name)
         if kind is str:
             return text
         if kind is bool:

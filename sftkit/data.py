@@ -146,10 +146,11 @@ def to_turn(turn, column: str, index: int) -> dict:
                     '({"from": "human", "value": "..."}).')
 
 
-def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", columns=None,
-            max_samples: int = 0, train_on_inputs: bool = False, quiet: bool = False):
-    """Returns (dataset in a TRL layout, info dict with the format and the counts). quiet: no log line (the
-    early check before the model loads)."""
+def read_rows(ds, template: Template, data_format: str = "auto", columns=None, max_samples: int = 0,
+              train_on_inputs: bool = False):
+    """Validates and renders the rows once, before the model loads, so bad data fails fast. Returns (dataset in a
+    TRL layout, without EOS: finalize() adds it once the tokenizer is known; info dict with the format and
+    the counts)."""
     ds = apply_mapping(ds, parse_columns(columns))
     fmt = detect_format(ds.column_names, data_format)
     required = {"alpaca": ["instruction", "output"], "text": ["text"]}.get(fmt, [])
@@ -178,8 +179,7 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
 
     if fmt == "alpaca":
         ds = ds.filter(lambda r: bool(str(r["output"] or "").strip()) and bool(str(r["instruction"] or "").strip()))
-        # The answer always ends in EOS, so the model learns to stop; TRL would add it too, but only if missing.
-        ds = ds.map(lambda r: {"prompt": render(template, r), "completion": str(r["output"]) + eos_token},
+        ds = ds.map(lambda r: {"prompt": render(template, r), "completion": str(r["output"])},
                     remove_columns=ds.column_names)
         if train_on_inputs:  # the reference notebook's way: one text, loss on every token
             ds = ds.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
@@ -189,17 +189,29 @@ def prepare(ds, template: Template, eos_token: str, data_format: str = "auto", c
     else:
         column = parse_columns(columns).get("text", "text")  # name the user's own column in the error
         ds = ds.filter(lambda r, i: bool(text_of(r["text"], column, i).strip()), with_indices=True)
-        ds = ds.map(lambda r: {"text": r["text"] if r["text"].endswith(eos_token) else r["text"] + eos_token},
-                    remove_columns=ds.column_names)
+        ds = ds.select_columns(["text"])
     kept = len(ds)
     considered = min(max_samples, rows_in) if max_samples and max_samples > 0 else rows_in
     dropped = considered - kept
-    if dropped and not quiet:
+    if dropped:
         log.info("dropped %d of %d rows with an empty answer (or instruction/text)", dropped, considered)
     if kept == 0:
         raise UserError(f"no usable rows: all {considered} rows had an empty answer or were filtered out. "
                         "Check the column mapping (--columns) and --max_samples.")
-    return ds, {"format": fmt, "rows_in": rows_in, "rows_used": kept, "rows_dropped": dropped}
+    return ds, {"format": fmt, "rows_in": rows_in, "rows_used": kept, "rows_dropped": dropped,
+                "fingerprint": fingerprint(ds)}
+
+
+def fingerprint(ds) -> str:
+    """A hash of the rendered rows in order: --resume compares it, since a resumed run continues at a row position
+    that means nothing if the data changed."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    for batch in ds.iter(batch_size=1000):
+        h.update(json.dumps(batch, ensure_ascii=False, sort_keys=True).encode("utf-8"))
+    return h.hexdigest()[:16]
 
 
 def text_of(value, column: str, index: int) -> str:
@@ -213,14 +225,34 @@ def text_of(value, column: str, index: int) -> str:
     return value
 
 
-def split_eval(ds, val_size, seed: int):
-    """Holds out val_size rows (a count >= 1) or a fraction (0 < x < 1) for evaluation."""
+def eval_count(rows: int, val_size) -> int:
+    """Rows --val_size holds out (a count >= 1, or a fraction 0 < x < 1 of the rows); known before the model loads."""
     if not val_size:
-        return ds, None
-    n = int(val_size) if val_size >= 1 else max(1, round(len(ds) * val_size))
-    if n >= len(ds):
-        raise UserError(f"--val_size {val_size} leaves no training rows out of {len(ds)}. Use a smaller count "
+        return 0
+    n = int(val_size) if val_size >= 1 else max(1, round(rows * val_size))
+    if n >= rows:
+        raise UserError(f"--val_size {val_size} leaves no training rows out of {rows}. Use a smaller count "
                         "or a fraction such as 0.05.")
+    return n
+
+
+def add_eos(ds, eos_token: str):
+    """The one place EOS is added: every answer (or text) ends in the tokenizer's EOS, so the model learns to stop.
+    Chat rows need none: the chat template closes each turn with its own end-of-turn token."""
+    if "completion" in ds.column_names:
+        return ds.map(lambda r: {"completion": r["completion"] if r["completion"].endswith(eos_token)
+                                 else r["completion"] + eos_token})
+    if "text" in ds.column_names:
+        return ds.map(lambda r: {"text": r["text"] if r["text"].endswith(eos_token) else r["text"] + eos_token})
+    return ds
+
+
+def finalize(ds, eos_token: str, val_size, seed: int):
+    """After the tokenizer is known: EOS on every answer, then the evaluation split. Returns (train, eval|None)."""
+    ds = add_eos(ds, eos_token)
+    n = eval_count(len(ds), val_size)
+    if not n:
+        return ds, None
     parts = ds.train_test_split(test_size=n, seed=seed)
     return parts["train"], parts["test"]
 

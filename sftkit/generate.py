@@ -7,10 +7,11 @@ import contextlib
 import logging
 from pathlib import Path
 
-from . import prompts, run
+from . import prompts
 from .backend import choose, for_inference, load_adapter, load_model
 from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
+from .recorded import inference_settings
 
 log = logging.getLogger("sftkit")
 COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
@@ -97,28 +98,21 @@ class Generator:
         return self._generate([self.row_ids(r) for r in rows], base=base)
 
 
-def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpaca_ko", backend: str = "auto",
+def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", backend: str = "auto",
                    dtype: str = "auto", load_in_4bit: bool = True, max_seq_length: int = 0,
                    merge_adapter: bool = False, cuda_graphs: bool = False, rows=None, **gen) -> Generator:
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
     named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers). `rows`:
     a batch file's prompts, checked against the template's fields before the load."""
     if adapter:
-        record = run.read_record(adapter)
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise UserError(f"{adapter!r} has run.json but no adapter_config.json: the run did not finish saving. "
-                            "Resume it with train_unsloth.py --resume --output_dir " + adapter)
-        args = record["args"]
-        model_name = model_name or record.get("model_path") or args["model_name"]
-        template = prompts.from_text(record["template"], record["template_text"], record["template_kind"] == "chat",
-                                     source=str(Path(adapter) / run.RECORD))
-        max_seq_length = max_seq_length or args["max_seq_length"]
-        if prompt != "alpaca_ko" and prompt != record["template"]:
-            log.info("--prompt %s ignored: the run was trained with template %s, which is used", prompt,
-                     record["template"])
-        load_in_4bit = args.get("load_in_4bit", load_in_4bit)
+        settings, record = inference_settings(adapter, {"model_name": model_name, "prompt": prompt,
+                                                        "max_seq_length": max_seq_length})
+        model_name, max_seq_length = settings["model_name"], settings["max_seq_length"]
+        template = prompts.from_text(record.template, record.template_text, record.template_kind == "chat",
+                                     source=str(Path(adapter) / "run.json"))
+        load_in_4bit = settings["load_in_4bit"]
     elif model_name:
-        template = prompts.load(prompt)
+        template = prompts.load(prompt or "alpaca_ko")
     else:
         raise UserError("nothing to load: pass --adapter outputs/<run> (a folder written by train_unsloth.py), or "
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
@@ -130,8 +124,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
         backend, because = graphs_backend(backend, load_in_4bit)
     choice = choose(backend, dtype, hf_because=because)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
-    if template.kind == "chat":
-        tokenizer.chat_template = template.text
+    prompts.attach(tokenizer, template)
     if adapter:
         model = load_adapter(model, adapter)
         if merge_adapter:
@@ -142,7 +135,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "alpac
             log.info("adapter merged into the base weights%s", " (re-quantized to 4-bit: answers may differ "
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
     model = for_inference(model, choice)
-    if cuda_graphs and choice.device.startswith("cuda"):
+    if cuda_graphs and choice.cuda:
         # The cache is allocated whole (KV for every slot), so it starts at most GRAPH_CACHE tokens long; batch
         # mode sizes it to its prompts. A prompt that outgrows it makes transformers allocate a longer cache,
         # which the compiled step sees as new and compiles again.

@@ -1,13 +1,11 @@
-"""GPU memory and time, as the Unsloth notebook reports them, plus a per-step log and a fit estimate.
+"""GPU memory and time, as the Unsloth notebook reports them (the per-step log is metricslog.py).
 
 On a GPU the figures are torch's reserved/allocated bytes (what nvidia-smi roughly shows is reserved).
 On a CPU they are the process's resident memory (RSS), and every record says so in `memory_kind`.
 """
 
-import json
 import resource
 import time
-from pathlib import Path
 
 GB = 1024 ** 3
 
@@ -102,38 +100,7 @@ def format_report(fig: dict) -> str:
     return "\n".join(lines)
 
 
-def metrics_callback(path):
-    """A TrainerCallback that appends one JSON line per logging step to `path` (rank 0 only)."""
-    from transformers import TrainerCallback
-
-    class MetricsCallback(TrainerCallback):
-        def __init__(self):
-            self.path = Path(path)
-            self.last = None  # (time, step) of the previous log line, for seconds per step
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs:
-                return
-            now = time.perf_counter()
-            step_time = None
-            if self.last and state.global_step > self.last[1]:
-                step_time = (now - self.last[0]) / (state.global_step - self.last[1])
-            self.last = (now, state.global_step)
-            line = {"step": state.global_step, "epoch": logs.get("epoch"), "loss": logs.get("loss"),
-                    "learning_rate": logs.get("learning_rate"), "step_time": step_time,
-                    "tokens_seen": state.num_input_tokens_seen or logs.get("num_tokens")}
-            if "eval_loss" in logs:
-                line["eval_loss"] = logs["eval_loss"]
-            if "train_loss" in logs:  # the end-of-training summary line is not a step
-                return
-            line.update(_memory_now())
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(line) + "\n")
-
-    return MetricsCallback()
-
-
-def _memory_now() -> dict:
+def memory_now() -> dict:
     if _cuda():
         import torch
 

@@ -1,10 +1,13 @@
-"""Prompt templates: data files in prompts/ next to the code, found by name, rendered, and split.
+"""Prompt templates: data files in prompts/ next to the code, or the model's own chat template; chosen for the data
+(`--prompt auto`), rendered, and split.
 
-Two kinds: `NAME.json` instruction templates (Alpaca style: `prompt_input`, `prompt_no_input`,
-`response_split`, with `{field}` slots filled from the data set's columns) and `NAME.jinja` chat templates
-(a Jinja chat template whose first line is `{#- stop: TOKEN -#}`, the text that ends an assistant turn).
+Three kinds: `NAME.json` instruction templates (Alpaca style: `prompt_input`, `prompt_no_input`,
+`response_split`, with `{field}` slots filled from the data set's columns), `NAME.jinja` chat templates (a Jinja
+chat template whose first line is `{#- stop: TOKEN -#}`, the text that ends an assistant turn) and "text" (raw
+text, trained as written: no template).
 """
 
+import datetime
 import json
 import re
 import string
@@ -14,12 +17,16 @@ from pathlib import Path
 from .errors import UserError
 
 PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"  # beside the code, whatever the working folder
+AUTO, OWN, NONE = "auto", "own", "none"  # --prompt values that name no file
+BUILTIN_CHAT = ("llama-3.1-chat", "chatml")  # for a model without a chat template: the first whose stop is one token
+STOP_LINE = re.compile(r"\{#-?\s*stop:\s*(\S+)\s*-?#\}\n?")
+TAGS = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
 @dataclass
 class Template:
     name: str
-    kind: str  # "instruction" or "chat"
+    kind: str  # "instruction", "chat" or "text"
     text: str  # the file's content, saved in run.json so inference uses exactly this template
     data: dict = field(default_factory=dict)  # instruction templates: the parsed JSON
     stop: str = ""  # chat templates: the text that ends an assistant turn
@@ -47,24 +54,38 @@ def available() -> list[str]:
     return sorted(p.stem for p in PROMPTS_DIR.iterdir() if p.suffix in (".json", ".jinja"))
 
 
+def text_template() -> Template:
+    """Raw text data: rows are trained as written, and a prompt at inference is continued as written."""
+    return Template(NONE, "text", "")
+
+
 def load(name: str) -> Template:
-    """A template by name (a file in prompts/) or by path to a .json / .jinja file."""
+    """A template by name (a file in prompts/, or `none` for raw text) or by path to a .json / .jinja file."""
+    if name == NONE:
+        return text_template()
+    if name in (AUTO, OWN):  # these need the data and the tokenizer: choose() resolves them
+        raise UserError(f"--prompt {name} is resolved from the data and the model's tokenizer here; name a template "
+                        f"instead ({', '.join(available())}) or a path to a .json or .jinja file.")
     path = Path(name).expanduser()
     if not path.is_file():
         matches = [PROMPTS_DIR / f"{name}{ext}" for ext in (".json", ".jinja")]
         matches = [p for p in matches if p.is_file()]
         if not matches:
             raise UserError(f"prompt template {name!r} not found. Available in {PROMPTS_DIR}: "
-                            f"{', '.join(available())}; or pass a path to a .json or .jinja file.")
+                            f"{', '.join(available())}, or auto, own, none; or pass a path to a .json or .jinja file.")
         path = matches[0]
     return from_text(path.stem, path.read_text(encoding="utf-8"), chat=path.suffix == ".jinja", source=str(path))
 
 
-def from_text(name: str, text: str, chat: bool, source: str = "") -> Template:
-    """Rebuilds a template from its text (as saved in run.json). source: the file it came from, for errors."""
+def from_text(name: str, text: str, chat, source: str = "") -> Template:
+    """Rebuilds a template from its text (as saved in run.json). chat: True/False, or the kind ("chat",
+    "instruction", "text"). source: the file it came from, for errors."""
+    if chat == "text" or (chat is False and name == NONE and not text.strip()):
+        return text_template()
+    chat = chat is True or chat == "chat"
     where = f"{'chat' if chat else 'prompt'} template {name!r}" + (f" ({source})" if source else "")
     if chat:
-        m = re.match(r"\{#-?\s*stop:\s*(\S+)\s*-?#\}", text)
+        m = STOP_LINE.match(text)
         if not m:
             raise UserError(f"{where} must start with a line like '{{#- stop: <|eot_id|> -#}}' "
                             "naming the text that ends an assistant turn.")
@@ -92,8 +113,10 @@ def from_text(name: str, text: str, chat: bool, source: str = "") -> Template:
 
 def render(t: Template, row: dict) -> str:
     """The prompt for one row, up to and including the response heading. Values are inserted literally:
-    braces inside the data are never read as slots."""
+    braces inside the data are never read as slots. A text template continues the instruction (and input)."""
     has_input = bool(str(row.get("input") or "").strip())
+    if t.kind == "text":
+        return str(row.get("instruction") or "") + (f"\n\n{row['input']}" if has_input else "")
     fmt = t.data["prompt_input"] if has_input else t.data["prompt_no_input"]
     unknown = {f for _, f, _, _ in string.Formatter().parse(fmt) if f} - set(row)
     if unknown:
@@ -106,3 +129,191 @@ def split_answer(t: Template, text: str) -> str:
     """The answer part of a generated text: what follows the response heading."""
     marker = t.data.get("response_split") if t.kind == "instruction" else None
     return text.split(marker, 1)[-1].strip() if marker else text.strip()
+
+
+# --- choosing the template for the data ------------------------------------------------------------------------
+
+def choose(prompt: str, data_format: str, tokenizer=None, answers_only: bool = True) -> tuple[Template, str]:
+    """(template, reason) for `--prompt` and the detected data format ("alpaca", "chat" or "text"). `auto`: Alpaca
+    data keep alpaca_ko; chat data get the model's own chat template where its tokenizer has one (an Instruct
+    model), else the built-in llama-3.1-chat (chatml for a ChatML vocabulary); raw text gets none. `own`: the
+    model's own template whatever the data. Another name loads that template, as before. answers_only: the loss
+    is on assistant turns only (no --train_on_inputs), which needs a template whose assistant turns are tagged."""
+    if data_format not in ("alpaca", "chat", "text"):
+        raise ValueError(f"choose() needs the detected data format, not {data_format!r}")
+    model = Path(str(getattr(tokenizer, "name_or_path", "") or "the model")).name
+    if prompt == OWN or (prompt == AUTO and data_format == "chat" and own_text(tokenizer)):
+        t = from_tokenizer(tokenizer)
+        if answers_only and data_format == "chat" and not TAGS.search(t.text):
+            raise UserError(f"the chat template of {model} marks no assistant turns ({{% generation %}} tags) and is "
+                            "not a layout sftkit or TRL can tag, so the loss cannot skip the prompts: pass "
+                            "--train_on_inputs, or --prompt FILE.jinja with the tags (prompts/README.md).")
+        added = "" if TAGS.search(own_text(tokenizer)) else ", its assistant turns tagged for the loss"
+        how = "--prompt own" if prompt == OWN else "chat data and the tokenizer has its own chat template"
+        return t, f"{how}: {model}'s own template (stop {t.stop}{added})"
+    if prompt != AUTO:
+        return load(prompt), f"--prompt {prompt}"
+    if data_format == "alpaca":
+        return load("alpaca_ko"), "Alpaca data (instruction/output): the instruction template alpaca_ko"
+    if data_format == "text":
+        return text_template(), "raw text: trained as written, no template"
+    for name in BUILTIN_CHAT:
+        t = load(name)
+        if tokenizer is None or t.stop in tokenizer.get_vocab():
+            return t, f"chat data and {model} has no chat template of its own (a base model): the built-in {name}"
+    return load(BUILTIN_CHAT[0]), (f"chat data and {model} has no chat template of its own: the built-in "
+                                   f"{BUILTIN_CHAT[0]} (its stop is several tokens in this vocabulary)")
+
+
+def own_text(tokenizer) -> str:
+    """The tokenizer's own chat template ("" where it has none), without a stop line sftkit put there."""
+    text = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(text, dict):  # several named templates: the default one
+        text = text.get("default")
+    return STOP_LINE.sub("", text, count=1) if text and STOP_LINE.match(text) else (text or "")
+
+
+def attach(tokenizer, template: Template):
+    """The one place a template goes onto a tokenizer: a chat template becomes its chat_template, so that TRL
+    (training), generate (inference) and the saved tokenizer all render with the same text."""
+    if template.kind == "chat":
+        tokenizer.chat_template = template.text
+    return tokenizer
+
+
+# --- the model's own chat template -----------------------------------------------------------------------------
+
+# Meta's Llama 3.1 / 3.2 / 3.3 templates write every plain turn with this one expression; the tagged version writes
+# the header the same way and wraps an assistant's content and <|eot_id|> in generation tags.
+LLAMA3_TURN = re.compile(r"\{\{-?\s*'<\|start_header_id\|>'\s*\+\s*message\['role'\]\s*\+\s*'<\|end_header_id\|>"
+                         r"\\n\\n'\s*\+\s*message\['content'\]\s*\|\s*trim\s*\+\s*'<\|eot_id\|>'\s*-?\}\}")
+LLAMA3_TAGGED = ("{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+                 "{%- if message['role'] == 'assistant' %}{% generation %}"
+                 "{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+                 "{%- else %}{{- message['content'] | trim + '<|eot_id|>' }}{%- endif %}")
+PROBES = ([{"role": "user", "content": "안녕하세요?"}, {"role": "assistant", "content": "네, 반갑습니다."}],
+          [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 2+2?"},
+           {"role": "assistant", "content": "4."}, {"role": "user", "content": "고마워"},
+           {"role": "assistant", "content": " 천만에요! "}])
+
+
+def from_tokenizer(tokenizer, name: str = OWN) -> Template:
+    """A chat Template from the tokenizer's own chat_template. Where it has no {% generation %} tags, tags are added
+    (Meta's Llama 3.x layout by sftkit, other known layouts by TRL) and kept only if the tagged text renders every
+    probe conversation exactly as the original and its mask equals the one found by rendering prefixes. A date the
+    template would take from the clock is pinned, so that inference renders the system block as training did."""
+    own = own_text(tokenizer)
+    if not own:
+        raise UserError(f"{getattr(tokenizer, 'name_or_path', 'the model')} has no chat template of its own: pass "
+                        "--prompt llama-3.1-chat (or chatml), or --prompt auto.")
+    own = pin_date(own)
+    text = own if TAGS.search(own) else next((c for c in tag_candidates(tokenizer, own)
+                                               if same_rendering(tokenizer, own, c)), own)
+    stop = end_of_turn(tokenizer, text)
+    return Template(name, "chat", f"{{#- stop: {stop} -#}}\n{text}", stop=stop)
+
+
+def pin_date(text: str) -> str:
+    if "strftime_now" not in text:
+        return text
+    today = datetime.date.today().strftime("%d %b %Y")
+    return f'{{%- if date_string is not defined %}}{{%- set date_string = "{today}" %}}{{%- endif %}}\n{text}'
+
+
+def tag_candidates(tokenizer, text: str):
+    if len(LLAMA3_TURN.findall(text)) == 1:
+        yield LLAMA3_TURN.sub(lambda _: LLAMA3_TAGGED, text)
+    try:  # TRL knows tagged versions of many models' templates (Qwen, Gemma, Phi-3, Llama 3.0 ...), not Llama 3.1
+        from trl.chat_template_utils import get_training_chat_template
+
+        original, tokenizer.chat_template = tokenizer.chat_template, text
+        try:
+            found = get_training_chat_template(tokenizer)
+        finally:
+            tokenizer.chat_template = original
+    except (ImportError, ValueError):
+        found = None
+    if found:
+        yield found
+
+
+def same_rendering(tokenizer, original: str, tagged: str) -> bool:
+    """The tagged template renders each probe as the original does, and its tags mark the assistant spans that
+    rendering prefixes finds (content and end-of-turn token)."""
+    try:
+        for msgs in PROBES:
+            for m, gen in ((msgs, False), (msgs[:-1], True)):
+                a, b = (tokenizer.apply_chat_template(m, chat_template=t, tokenize=False, add_generation_prompt=gen)
+                        for t in (original, tagged))
+                if a != b:
+                    return False
+            out = tokenizer.apply_chat_template(msgs, chat_template=tagged, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+            ids, mask = prefix_mask(tokenizer, msgs, original)
+            # Whitespace at a turn's edges may fall either side (TRL's Qwen template marks the header's newline).
+            solid = [bool(tokenizer.decode([i]).strip()) for i in ids]
+            if [m and s for m, s in zip(out["assistant_masks"], solid)] != [m and s for m, s in zip(mask, solid)]:
+                return False
+    except Exception:  # noqa: BLE001 - a template that fails on a probe is no safe replacement
+        return False
+    return True
+
+
+def prefix_mask(tokenizer, messages: list, chat_template=None) -> tuple[list, list]:
+    """(token ids, 1 for each token an assistant wrote) found by rendering prefixes: an assistant turn is what the
+    conversation up to it adds after the generation prompt, less trailing whitespace. Needs a template that renders
+    a conversation's prefixes as prefixes of its tokens; raises UserError where it does not."""
+    def ids(msgs, gen=False):
+        return tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=True, return_dict=True,
+                                             add_generation_prompt=gen)["input_ids"]
+
+    full = list(ids(messages))
+    mask = [0] * len(full)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before, upto = list(ids(messages[:i], gen=True)) if i else [], list(ids(messages[:i + 1]))
+        if full[:len(before)] != before or full[:len(upto)] != upto:
+            raise UserError("the chat template renders a conversation's first turns differently once more turns "
+                            "follow, so the assistant turns cannot be located: pass --train_on_inputs.")
+        end = len(upto)
+        while end > len(before) and not tokenizer.decode(full[end - 1:end]).strip():
+            end -= 1
+        mask[len(before):end] = [1] * (end - len(before))
+    return full, mask
+
+
+def end_of_turn(tokenizer, text: str) -> str:
+    """The token that closes an assistant turn in this template: the last of a probe's assistant turn, where it is
+    one of the tokenizer's added tokens (e.g. <|eot_id|>); the tokenizer's EOS where none is found."""
+    try:
+        full, mask = prefix_mask(tokenizer, PROBES[0], text)
+    except Exception:  # noqa: BLE001 - a template that cannot render the probe ends turns with nothing sftkit knows
+        return tokenizer.eos_token
+    last = full[len(mask) - 1 - mask[::-1].index(1)] if 1 in mask else None
+    return tokenizer.convert_ids_to_tokens(last) if last in set(tokenizer.get_added_vocab().values()) \
+        else tokenizer.eos_token
+
+
+# --- prompts at inference --------------------------------------------------------------------------------------
+
+def messages(instruction: str, input: str = "", history=None, system: str = "") -> list:
+    """The conversation a chat prompt renders: the system turn (`--system`, replacing one in the history), the
+    earlier turns, then the user's turn (instruction, and input after a blank line)."""
+    earlier = [dict(m) for m in history or [] if not (system and m["role"] == "system")]
+    turn = {"role": "user", "content": instruction + (f"\n\n{input}" if str(input or "").strip() else "")}
+    return ([{"role": "system", "content": system}] if system else []) + earlier + [turn]
+
+
+def prompt_ids(tokenizer, template: Template, instruction: str, input: str = "", history=None, system: str = "",
+               row=None) -> list:
+    """Token ids of one prompt, tokenized as TRL tokenized the training rows (the template must be attached to the
+    tokenizer). row: a batch file's line, whose other keys fill an instruction template's further fields."""
+    if template.kind == "chat":
+        return list(tokenizer.apply_chat_template(messages(instruction, input, history, system), tokenize=True,
+                                                  add_generation_prompt=True, return_dict=True)["input_ids"])
+    if system:
+        raise UserError(f"--system needs a chat template; this run's template {template.name!r} is "
+                        f"{'raw text' if template.kind == 'text' else 'an instruction template'}: put the "
+                        "instruction in --instruction (and --input) instead.")
+    return list(tokenizer(render(template, {**(row or {}), "instruction": instruction, "input": input}))["input_ids"])

@@ -65,3 +65,11 @@ def no_model_load(monkeypatch):
 
 def train_cmd(*args):
     return [sys.executable, str(ROOT / "train_unsloth.py"), *args]
+
+
+def prepared(ds, template, eos_token, **kw):
+    """Rows as the trainer gets them: read, checked and rendered (data.read_rows), then EOS added (data.add_eos)."""
+    from sftkit import data
+
+    rows, info = data.read_rows(ds, template, **kw)
+    return data.add_eos(rows, eos_token), info

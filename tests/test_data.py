@@ -1,7 +1,7 @@
 import pytest
 from datasets import Dataset
 
-from conftest import SAMPLE, write_jsonl
+from conftest import SAMPLE, prepared, write_jsonl
 from sftkit import data, prompts
 from sftkit.errors import UserError
 
@@ -12,7 +12,7 @@ KO = prompts.load("alpaca_ko")
 def test_sample_loads_as_alpaca_and_every_completion_ends_in_eos():
     ds = data.load_dataset_any(SAMPLE)
     assert len(ds) >= 200 and {"instruction", "input", "output"} <= set(ds.column_names)
-    rows, info = data.prepare(ds, KO, EOS)
+    rows, info = prepared(ds, KO, EOS)
     assert info["format"] == "alpaca" and info["rows_used"] == len(ds)
     assert all(c.endswith(EOS) and not c.endswith(EOS + EOS) for c in rows["completion"])
     assert rows[0]["prompt"].endswith("### 응답:\n")
@@ -22,18 +22,18 @@ def test_column_mapping_trains_on_question_answer(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q1", "answer": "a1"}, {"question": "q2", "answer": "a2"}])
     ds = data.load_dataset_any(path)
     with pytest.raises(UserError) as err:
-        data.prepare(ds, KO, EOS)
+        prepared(ds, KO, EOS)
     assert "question" in str(err.value) and "--columns" in str(err.value)  # lists the columns and the fix
-    rows, info = data.prepare(ds, KO, EOS, columns="instruction=question,output=answer")
+    rows, info = prepared(ds, KO, EOS, columns="instruction=question,output=answer")
     assert rows["completion"] == ["a1" + EOS, "a2" + EOS] and "q1" in rows[0]["prompt"]
-    rows, _ = data.prepare(ds, KO, EOS, columns={"instruction": "question", "output": "answer"})  # Fire gives a dict
+    rows, _ = prepared(ds, KO, EOS, columns={"instruction": "question", "output": "answer"})  # Fire gives a dict
     assert len(rows) == 2
 
 
 def test_missing_mapped_column_and_bad_mapping_syntax(tmp_path):
     ds = Dataset.from_list([{"instruction": "a", "output": "b"}])
     with pytest.raises(UserError, match="lacks.*columns are"):
-        data.prepare(ds, KO, EOS, columns="output=reply")
+        prepared(ds, KO, EOS, columns="output=reply")
     with pytest.raises(UserError, match="FIELD=COLUMN"):
         data.parse_columns("instruction")
 
@@ -42,11 +42,11 @@ def test_empty_answers_are_dropped_and_counted_and_all_empty_is_an_error():
     ds = Dataset.from_list([{"instruction": "a", "input": "", "output": "b"},
                             {"instruction": "c", "input": "", "output": "  "},
                             {"instruction": "e", "input": "", "output": None}])
-    rows, info = data.prepare(ds, KO, EOS)
+    rows, info = prepared(ds, KO, EOS)
     assert (info["rows_used"], info["rows_dropped"]) == (1, 2)
     empty = Dataset.from_list([{"instruction": "a", "input": "", "output": ""}])
     with pytest.raises(UserError, match="no usable rows"):
-        data.prepare(empty, KO, EOS)
+        prepared(empty, KO, EOS)
 
 
 def test_template_field_the_data_lacks(tmp_path):
@@ -54,7 +54,7 @@ def test_template_field_the_data_lacks(tmp_path):
                           chat=False)
     ds = Dataset.from_list([{"instruction": "a", "output": "b"}])
     with pytest.raises(UserError, match=r"\['context'\].*--columns"):
-        data.prepare(ds, t, EOS)
+        prepared(ds, t, EOS)
 
 
 def test_unknown_paths_and_unreadable_files(tmp_path):
@@ -84,12 +84,12 @@ def test_csv_and_parquet_load(tmp_path):
 
 def test_eval_split_by_fraction_and_count():
     ds = Dataset.from_list([{"x": i} for i in range(20)])
-    tr, ev = data.split_eval(ds, 0.1, 0)
+    tr, ev = data.finalize(ds, "</s>", 0.1, 0)
     assert (len(tr), len(ev)) == (18, 2)
-    tr, ev = data.split_eval(ds, 5, 0)
+    tr, ev = data.finalize(ds, "</s>", 5, 0)
     assert (len(tr), len(ev)) == (15, 5)
     with pytest.raises(UserError, match="no training rows"):
-        data.split_eval(ds, 20, 0)
+        data.eval_count(len(ds), 20)
 
 
 def test_empty_files_say_they_have_no_rows(tmp_path):
@@ -112,6 +112,6 @@ def test_empty_files_say_they_have_no_rows(tmp_path):
 def test_non_text_in_the_text_column_names_column_and_row():
     ds = Dataset.from_list([{"text": None}, {"text": 7}])  # None is empty (dropped); 7 is the wrong column
     with pytest.raises(UserError, match=r"column 'text' row 1 holds a int.*--columns 'text=COLUMN'"):
-        data.prepare(ds, KO, EOS, data_format="text")
+        prepared(ds, KO, EOS, data_format="text")
     with pytest.raises(UserError, match=r"column 'id' row 0 holds a int"):  # the user's column, not ours
-        data.prepare(Dataset.from_list([{"id": 3}]), KO, EOS, columns="text=id")
+        prepared(Dataset.from_list([{"id": 3}]), KO, EOS, columns="text=id")

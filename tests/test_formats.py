@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from conftest import TINY, metrics, quick_args, write_jsonl
+from conftest import TINY, metrics, prepared, quick_args, write_jsonl
 from sftkit import data, prompts
 from sftkit.errors import UserError
 from train_unsloth import train
@@ -32,7 +32,7 @@ def labels_for(rows, tok, **cfg):
 def test_answer_only_labels_token_by_token():
     tok = AutoTokenizer.from_pretrained(TINY)
     ds = Dataset.from_list([{"instruction": "비밀번호 {만들기}", "input": "", "output": "길게 만드세요."}])
-    rows, _ = data.prepare(ds, prompts.load("alpaca_ko"), tok.eos_token)
+    rows, _ = prepared(ds, prompts.load("alpaca_ko"), tok.eos_token)
     ids, labels = labels_for(rows, tok, completion_only_loss=True)
     prompt_ids = tok(rows[0]["prompt"])["input_ids"]
     answer_ids = tok(rows[0]["prompt"] + rows[0]["completion"])["input_ids"][len(prompt_ids):]
@@ -45,7 +45,7 @@ def test_answer_only_labels_token_by_token():
 def test_train_on_inputs_puts_loss_on_every_token():
     tok = AutoTokenizer.from_pretrained(TINY)
     ds = Dataset.from_list([{"instruction": "안녕", "input": "", "output": "반가워요."}])
-    rows, _ = data.prepare(ds, prompts.load("alpaca_ko"), tok.eos_token, train_on_inputs=True)
+    rows, _ = prepared(ds, prompts.load("alpaca_ko"), tok.eos_token, train_on_inputs=True)
     assert rows.column_names == ["text"] and rows[0]["text"].endswith(tok.eos_token)
     ids, labels = labels_for(rows, tok, completion_only_loss=False)
     assert labels == ids
@@ -55,7 +55,7 @@ def test_chat_loss_covers_only_assistant_turns():
     tok = AutoTokenizer.from_pretrained(TINY)
     template = prompts.load("llama-3.1-chat")
     tok.chat_template = template.text
-    rows, info = data.prepare(Dataset.from_list([{"messages": CHAT}]), template, tok.eos_token)
+    rows, info = prepared(Dataset.from_list([{"messages": CHAT}]), template, tok.eos_token)
     assert info["format"] == "chat"
     ids, labels = labels_for(rows, tok, assistant_only_loss=True)
     trained = tok.decode([i for i, l in zip(ids, labels) if l != -100])
@@ -66,13 +66,13 @@ def test_chat_loss_covers_only_assistant_turns():
 def test_sharegpt_is_normalised_and_text_gets_eos():
     template = prompts.load("chatml")
     share = Dataset.from_list([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
-    rows, info = data.prepare(share, template, "</s>")
+    rows, info = prepared(share, template, "</s>")
     assert info["format"] == "chat" and rows[0]["messages"] == [{"role": "user", "content": "hi"},
                                                                 {"role": "assistant", "content": "yo"}]
-    text, info = data.prepare(Dataset.from_list([{"text": "plain"}, {"text": ""}]), template, "</s>")
+    text, info = prepared(Dataset.from_list([{"text": "plain"}, {"text": ""}]), template, "</s>")
     assert info["format"] == "text" and text["text"] == ["plain</s>"] and info["rows_dropped"] == 1
     with pytest.raises(UserError, match="instruction template"):
-        data.prepare(share, prompts.load("alpaca_ko"), "</s>")
+        prepared(share, prompts.load("alpaca_ko"), "</s>")
 
 
 def test_chat_training_and_multi_turn_inference(tmp_path):
@@ -112,11 +112,11 @@ def test_sharegpt_turns_in_a_messages_column_are_converted_too(tmp_path):
         {"messages": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
                       {"from": "gpt", "value": "yo"}]},
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}])
-    rows, info = data.prepare(data.load_dataset_any(path), prompts.load("chatml"), "</s>")
+    rows, info = prepared(data.load_dataset_any(path), prompts.load("chatml"), "</s>")
     assert info["rows_used"] == 2
     assert rows[0]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                                    {"role": "assistant", "content": "yo"}]
     assert rows[1]["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     odd = Dataset.from_list([{"messages": [{"speaker": "u", "text": "hi"}]}])
     with pytest.raises(UserError, match="row 0: a turn in column 'messages'.*role/content.*from/value"):
-        data.prepare(odd, prompts.load("chatml"), "</s>")
+        prepared(odd, prompts.load("chatml"), "</s>")

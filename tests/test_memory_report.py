@@ -222,7 +222,7 @@ def test_fast_plan_on_the_hf_backend_counts_what_that_path_holds_more():
     difference between 8 rows per micro-batch, which would not fit, and 4."""
     from sftkit import estimate
     from sftkit.backend import Choice
-    from sftkit.batching import plan
+    from sftkit.fastplan import plan
 
     extra = estimate.hf_extra_gib(estimate.normalise(estimate.LLAMA_31_8B), 1178, 2)
     assert 2.9 < extra < 3.3  # measured: hf reserved 3.2 GiB more than Unsloth at the notebook config (H100)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import metrics, quick_args
-from sftkit import run
+from sftkit.runfolder import RECORD, RunFolder, RunRecord
 from sftkit.errors import UserError
 from train_unsloth import train
 
@@ -46,18 +46,24 @@ def test_a_leftover_from_an_earlier_overwrite_is_never_deleted(tmp_path, tiny_ru
 
 
 def test_a_failure_after_a_checkpoint_keeps_both_runs(tmp_path):
-    """settle() on its own: the new run saved a checkpoint before failing, so it is resumable and stays, and so
-    does the old one, beside it."""
-    folder = tmp_path / "run"
-    folder.mkdir()
-    (folder / run.RECORD).write_text('{"status": "finished"}')
-    old = run.set_aside(str(folder))
-    assert old == tmp_path / "run.replaced" and (old / run.RECORD).is_file() and folder.is_dir()
-    (folder / "checkpoint-2").mkdir()
-    run.settle(str(folder), old, finished=False)
-    assert (folder / "checkpoint-2").is_dir() and (old / run.RECORD).is_file()
-    run.settle(str(folder), old, finished=True)
-    assert not old.exists() and (folder / "checkpoint-2").is_dir()
+    """The folder's lifecycle on its own: the new run saved a checkpoint before failing, so it is resumable and
+    stays, and so does the old one, beside it; finishing later drops the old one."""
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / RECORD).write_text('{"status": "finished", "args": {}}')
+    folder = RunFolder(path)
+    folder.claim(overwrite=True, resume=False)
+    folder.begin(RunRecord(), fresh=True)
+    old = folder.replaced
+    assert old == tmp_path / "run.replaced" and (old / RECORD).is_file() and path.is_dir()
+    ckpt = path / "checkpoint-2"
+    ckpt.mkdir()
+    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
+        (ckpt / name).write_text("{}")
+    assert folder.fail(RunRecord(), RuntimeError("boom")) == "kept"
+    assert ckpt.is_dir() and (old / RECORD).is_file()
+    RunFolder(path).finish(RunRecord(status="finished"))
+    assert not old.exists() and ckpt.is_dir()
 
 
 def test_resume_may_split_the_batch_differently_and_learns_the_same(tmp_path):
@@ -95,9 +101,9 @@ def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_w
         train(output_dir=out, resume=True, max_steps=3)
     train(output_dir=out, resume=True)  # killed after its last checkpoint: a plain --resume still finishes it
     assert json.loads(rec_path.read_text())["status"] == "finished"
-    for ckpt in run.checkpoints(Path(out)):
+    for ckpt in RunFolder(out).checkpoints():
         shutil.rmtree(ckpt)
-    with pytest.raises(UserError, match="saved no checkpoint.*--overwrite"):
+    with pytest.raises(UserError, match="saved no complete checkpoint.*--overwrite"):
         train(output_dir=out, resume=True)
 
 
@@ -109,7 +115,9 @@ def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_w
     ({"max_steps": -1, "num_train_epochs": 0.0}, "--num_train_epochs must be above 0"),
     ({"max_samples": -3}, "--max_samples must be 0 or more.*all rows"),
     ({"save_steps": -1}, "--save_steps must be 0 or more"),
-    ({"report_to": "tensorbord"}, "--report_to tensorbord needs the tensorbord package.*e.g. none, tensorboard"),
+    ({"report_to": "tensorbord"}, "--report_to 'tensorbord' is not one of transformers' integrations; did you mean "
+                                  "'tensorboard'"),
+    ({"report_to": "none,comet_ml"}, "--report_to comet_ml needs its package: pip install comet-ml"),
     ({"optim": "adamw_8bti"}, "--optim 'adamw_8bti' is not known to transformers.*adamw_8bit"),
     ({"lr_scheduler_type": "cosin"}, "--lr_scheduler_type 'cosin' is not known.*cosine"),
 ])

@@ -82,7 +82,7 @@ def test_push_uses_the_env_token_and_never_saves_or_prints_it(tmp_path, monkeypa
 def test_the_plain_path_merges_on_the_cpu_when_the_16bit_base_would_not_fit_the_gpu():
     """--save_merged 16bit on the hf backend loads a fresh 16-bit base beside the training model: an 8B base is
     ~15 GiB, a whole T4, so there it must go to the CPU; small models stay on the GPU; 4-bit needs the GPU."""
-    from sftkit.saving import merge_device, sixteen_bit_gib
+    from sftkit.backend import merge_device, sixteen_bit_gib
 
     eight_b = sixteen_bit_gib("unsloth/Meta-Llama-3.1-8B")  # the built-in shape: no download
     assert 14.5 < eight_b < 15.5
@@ -94,7 +94,7 @@ def test_the_plain_path_merges_on_the_cpu_when_the_16bit_base_would_not_fit_the_
 
 
 def test_a_failed_upload_says_how_to_upload_without_training_again(tmp_path, monkeypatch):
-    from sftkit.saving import NOT_UPLOADED, push
+    from sftkit.exports import NOT_UPLOADED, push
 
     class Refused(FakeApi):
         def upload_folder(self, **kw):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
+from conftest import SAMPLE, TINY, metrics, prepared, quick_args, write_jsonl
 from sftkit.errors import UserError
 from train_unsloth import train
 
@@ -197,40 +197,40 @@ def test_resume_takes_the_recorded_arguments_and_refuses_a_finished_run(tmp_path
 
 
 def test_out_of_memory_while_loading_says_what_to_change(tmp_path, monkeypatch):
-    import train_unsloth
+    import sftkit.trainer
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_unsloth, "load_model", oom)
+    monkeypatch.setattr(sftkit.trainer, "load_model", oom)
     with pytest.raises(UserError, match="out of GPU memory while loading.*--load_in_4bit"):
         train(**quick_args(tmp_path))
     assert not (tmp_path / "run" / "run.json").exists()  # nothing recorded as started
 
 
 def test_resume_keeps_what_was_given_even_at_its_default(tmp_path):
-    from sftkit import run
+    from sftkit import recorded
 
     (tmp_path / "run.json").write_text(json.dumps({"status": "interrupted", "args": {
         "max_steps": 200, "learning_rate": 5e-3, "target_modules": ["q_proj"], "dropped_long_ago": 1}}))
     known = {"max_steps", "learning_rate", "target_modules", "resume", "output_dir"}
-    plain = run.resume_args(str(tmp_path), {"resume": True}, known)
+    plain = recorded.resume_args(str(tmp_path), {"resume": True}, known)
     assert plain["max_steps"] == 200 and plain["learning_rate"] == 5e-3 and "dropped_long_ago" not in plain
     # 60 is train()'s default, but it was given: it counts (the step count may change on resume).
-    assert run.resume_args(str(tmp_path), {"resume": True, "max_steps": 60}, known)["max_steps"] == 60
+    assert recorded.resume_args(str(tmp_path), {"resume": True, "max_steps": 60}, known)["max_steps"] == 60
     # One module typed as text is the recorded one-element list, not a conflict.
-    assert run.resume_args(str(tmp_path), {"resume": True, "target_modules": "q_proj"}, known)
+    assert recorded.resume_args(str(tmp_path), {"resume": True, "target_modules": "q_proj"}, known)
     with pytest.raises(UserError, match="--learning_rate 0.0002 differs"):
-        run.resume_args(str(tmp_path), {"resume": True, "learning_rate": 2e-4}, known)
+        recorded.resume_args(str(tmp_path), {"resume": True, "learning_rate": 2e-4}, known)
 
 
 def test_bad_data_is_caught_before_the_model_loads(tmp_path, monkeypatch):
-    import train_unsloth
+    import sftkit.trainer
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the data were checked")
 
-    monkeypatch.setattr(train_unsloth, "load_model", no_load)
+    monkeypatch.setattr(sftkit.trainer, "load_model", no_load)
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     with pytest.raises(UserError, match="--columns"):
         train(**quick_args(tmp_path, dataset=qa))
@@ -265,16 +265,16 @@ def test_unknown_lora_module_names_the_real_ones(tmp_path):
 def test_module_lists_read_one_way_everywhere():
     """Training, the memory estimate and the resume check split --target_modules alike: stray spaces and commas
     are dropped, so 'q_proj, v_proj,' trains, estimates and resumes as ['q_proj', 'v_proj']."""
-    from sftkit import cli, estimate, run
+    from sftkit import cli, estimate, recorded
 
     assert cli.names("q_proj, v_proj,") == ["q_proj", "v_proj"] == cli.names(("q_proj", " v_proj"))
     assert estimate.check_targets("q_proj, v_proj,") == ["q_proj", "v_proj"]
-    assert run._same("q_proj, v_proj,", ["q_proj", "v_proj"]) and not run._same("q_proj", ["q_proj", "v_proj"])
+    assert recorded.same("q_proj, v_proj,", ["q_proj", "v_proj"]) and not recorded.same("q_proj", ["q_proj", "v_proj"])
 
 
 def test_fast_plan_prefers_no_checkpointing_where_the_estimate_fits():
     from sftkit.backend import Choice
-    from sftkit.batching import plan
+    from sftkit.fastplan import plan
     from sftkit.estimate import MODULES
 
     gpu = Choice("unsloth", "cuda:0", "GPU", "bf16", "test")
@@ -315,7 +315,7 @@ def test_fast_plan_respects_a_per_process_memory_cap(monkeypatch):
     import torch
 
     from sftkit.backend import Choice
-    from sftkit.batching import plan
+    from sftkit.fastplan import plan
     from sftkit.estimate import GIB, MODULES
 
     gpu = Choice("unsloth", "cuda:0", "GPU", "bf16", "test")
@@ -339,7 +339,7 @@ def test_longest_tokens_measures_the_prepared_rows():
 
     tok = AutoTokenizer.from_pretrained(TINY)
     raw = Dataset.from_list([json.loads(x) for x in Path(SAMPLE).read_text().splitlines()][:50])
-    rows, _ = data.prepare(raw, prompts.load("alpaca_ko"), tok.eos_token)
+    rows, _ = prepared(raw, prompts.load("alpaca_ko"), tok.eos_token)
     lengths = [len(tok(p + c)["input_ids"]) for p, c in zip(rows["prompt"], rows["completion"])]
     assert data.longest_tokens(rows, tok, 10_000) == max(lengths)
     assert data.longest_tokens(rows, tok, 40) == 40  # capped at max_seq_length

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import estimate, run
+from .backend import save_merged
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -19,13 +19,13 @@ NOT_UPLOADED = ("checkpoint-*", "checkpoint-*/**", "*.pt", "training_args.bin", 
 
 def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice):
     """Fails before training, not after an hour of it."""
-    if save_gguf and choice.backend != "unsloth":
+    if save_gguf and not choice.unsloth:
         raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run would use {choice.backend}. "
                         "Export on a GPU machine, or use --save_merged 16bit and convert with llama.cpp's "
                         "convert_hf_to_gguf.py.")
     if save_merged not in MERGED:
         raise UserError(f"--save_merged {save_merged!r} is not one of 16bit, 4bit.")
-    if save_merged == "4bit" and not choice.device.startswith("cuda"):
+    if save_merged == "4bit" and not choice.cuda:
         raise UserError("--save_merged 4bit needs a CUDA GPU (bitsandbytes quantizes there). Use --save_merged "
                         "16bit on this machine.")
     if push_to_hub and not os.environ.get("HF_TOKEN"):
@@ -33,64 +33,9 @@ def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice
                         "variable (export HF_TOKEN=hf_...). It is read from there only, never saved.")
 
 
-def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: str, load_in_4bit: bool) -> str:
-    """Writes run_dir/merged-<mode>: base weights with the LoRA update folded in, loadable by plain transformers."""
-    out = str(Path(run_dir) / f"merged-{mode}")
-    if choice.backend == "unsloth":
-        # Unsloth reloads the 16-bit base itself and merges; "forced" accepts the 4-bit rounding it implies.
-        method = "merged_16bit" if mode == "16bit" else "merged_4bit_forced"
-        model.save_pretrained_merged(out, tokenizer, save_method=method)
-        return out
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    # Merge into a fresh, unquantized base rather than the training model: merging into 4-bit layers would
-    # round the base weights, and the training model stays usable.
-    kwargs = {"dtype": choice.torch_dtype(), "token": os.environ.get("HF_TOKEN") or None}
-    if mode == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=choice.torch_dtype())
-    if choice.device.startswith("cuda"):
-        free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-        device, why = merge_device(mode, sixteen_bit_gib(model_name), free / estimate.GIB)
-        log.info("merging on the %s: %s", device, why)
-        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "GPU" else "cpu"}
-    base = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
-    merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
-    merged.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if choice.dtype == "fp32":
-        log.info("merged model saved in fp32, the dtype it was trained in on this CPU")
-    return out
-
-
-def sixteen_bit_gib(model_name: str) -> float:
-    """GiB of the model's weights in 16-bit, from its config (0 when the shape is unknown offline)."""
-    try:
-        cfg = estimate.normalise(estimate.load_config(model_name)[0])
-    except UserError:
-        return 0.0
-    return (estimate.quantized_params(cfg) + estimate.half_params(cfg)) * estimate.HALF_BYTES / estimate.GIB
-
-
-def merge_device(mode: str, need_gib: float, free_gib: float) -> tuple[str, str]:
-    """Where the plain path merges: the GPU when the fresh base fits beside the training model, else the CPU
-    (RAM of the size of the 16-bit model; slower, but the GPU would run out: an 8B base is ~15 GiB in 16-bit, a
-    whole T4). 4-bit merges need the GPU, where bitsandbytes quantizes."""
-    if mode == "4bit":
-        return "GPU", "a 4-bit merge quantizes with bitsandbytes on the GPU"
-    if not need_gib:
-        return "GPU", "the base's size is unknown offline, so it is tried on the GPU"
-    if need_gib < 0.9 * free_gib:
-        return "GPU", f"the base ({need_gib:.1f} GiB in 16-bit) fits the GPU's {free_gib:.1f} GiB free"
-    return "CPU", (f"the base ({need_gib:.1f} GiB in 16-bit) does not fit the {free_gib:.1f} GiB free on the GPU; "
-                   f"this needs about {need_gib:.0f} GiB of RAM")
-
-
 def save_gguf(model, tokenizer, run_dir: str, quant: str, choice) -> str:
     """Unsloth's GGUF export (it builds llama.cpp to convert). The adapter is already saved when this runs."""
-    if choice.backend != "unsloth":
+    if not choice.unsloth:
         raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run used {choice.backend}. "
                         f"The adapter is saved in {run_dir}: export it on a GPU machine, or merge it with "
                         "--save_merged 16bit and convert with llama.cpp's convert_hf_to_gguf.py.")
@@ -122,14 +67,13 @@ def push(folder: str, repo_id: str, api=None) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
-def export(model, tokenizer, record, choice, merged: str, gguf: str, hub_repo: str):
-    """Optional exports after training, each recorded in run.json; the adapter is already safe when they run."""
-    args, exports = record["args"], record.setdefault("exports", {})
-    out = args["output_dir"]
+def export(model, tokenizer, folder, record, choice, merged: str, gguf: str, hub_repo: str):
+    """Optional exports after training, each recorded in run.json (RunFolder.save); the adapter is already safe."""
+    exports = record.exports
+    out = str(folder.path)
     try:
         if merged:
-            exports["merged"] = save_merged(model, tokenizer, out, merged, choice, record["model_path"],
-                                              args["load_in_4bit"])
+            exports["merged"] = save_merged(model, tokenizer, out, merged, choice, record.model_path)
             log.info("merged model (%s) saved to %s", merged, exports["merged"])
         if gguf:
             exports["gguf"] = save_gguf(model, tokenizer, out, gguf, choice)
@@ -140,4 +84,4 @@ def export(model, tokenizer, record, choice, merged: str, gguf: str, hub_repo: s
         exports["error"] = str(err)
         raise
     finally:
-        run.write_record(out, record)
+        folder.save(record)

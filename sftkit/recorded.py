@@ -1,0 +1,90 @@
+"""What a run's record supplies to a later command, by one rule: what the caller did not give is taken from
+run.json; what it gave must match the record unless that setting may change. --resume (train()) and infer.py
+--adapter both use it; memory_report.py only reads the record."""
+
+import functools
+import inspect
+
+from .cli import names
+from .errors import UserError
+from .runfolder import RunFolder, default_name
+
+# Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway).
+RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",
+                     "save_gguf", "push_to_hub", "cudnn_attention", "fast", "sample_prompts"}
+# A resumed run may split its effective batch (their product) differently, e.g. smaller after running out of memory:
+# the loss is normalised over all tokens of the optimizer step, so each step still learns the same.
+SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps")
+# What this invocation is asked to do, never taken from the record.
+PER_INVOCATION = {"resume", "overwrite", "output_dir"}
+# infer.py may load the run's adapter on another copy of the base or with another context length.
+INFER_CHANGES = {"model_name", "max_seq_length"}
+
+
+def same(given, recorded) -> bool:
+    """CLI text and the recorded list name the same modules: 'q_proj' == ['q_proj'], (a, b) == [a, b]."""
+    if isinstance(recorded, list) and isinstance(given, (str, tuple, list)):
+        given = names(given)
+    return given == recorded
+
+
+def merge(recorded: dict, given: dict, may_change: set, what: str) -> dict:
+    """The recorded values overridden by the given ones; a given value that differs from the record for a setting
+    that may not change is refused with both values."""
+    for key, value in given.items():
+        if key in recorded and key not in may_change and not same(value, recorded[key]):
+            raise UserError(f"{what}: --{key} {value!r} differs from the run's ({recorded[key]!r}). Drop --{key} to "
+                            "use the run's, or start a new run in another --output_dir.")
+    return {**recorded, **given}
+
+
+def resumable(fn):
+    """Wraps train(): with resume=True, every argument the caller did not give takes the value recorded in the
+    run's run.json, so `--resume --output_dir X` alone continues X exactly (its step count too). The CLI passes
+    only the arguments typed (cli.run_cli), so `--max_steps 60` counts even though 60 is the default."""
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        given = dict(sig.bind_partial(*args, **kwargs).arguments)
+        if given.get("resume"):
+            full = {name: p.default for name, p in sig.parameters.items()} | given
+            given["output_dir"] = full["output_dir"] or default_name(full["model_name"], full["dataset"])
+            given = resume_args(given["output_dir"], given, set(sig.parameters))
+        return fn(**given)
+
+    return wrapper
+
+
+def resume_args(output_dir: str, given: dict, known: set) -> dict:
+    """The recorded arguments of the run to resume (those `known` to train()) merged with the given ones."""
+    folder = RunFolder(output_dir)
+    if not folder.exists():
+        return given  # nothing recorded: claim() says what is missing
+    rec = folder.read()  # a damaged record is an error here, never a silent fall back to the defaults
+    recorded = {k: v for k, v in rec.args.items() if k in known and k not in PER_INVOCATION}
+    merged = merge(recorded, given, RESUMABLE_CHANGES | PER_INVOCATION | set(SPLIT), "--resume")
+    if all(k in recorded for k in SPLIT):  # the rows of each step stay the same: only how they are split changes
+        was, now = tuple(int(recorded[k]) for k in SPLIT), tuple(int(merged[k]) for k in SPLIT)
+        if was[0] * was[1] != now[0] * now[1]:
+            raise UserError(f"--resume: micro-batch {now[0]} x accumulation {now[1]} is an effective batch of "
+                            f"{now[0] * now[1]}, the run being resumed used {was[0]} x {was[1]} = {was[0] * was[1]}. "
+                            "A resumed run may split its batch differently (after running out of memory, e.g. "
+                            f"--per_device_train_batch_size {max(was[0] // 2, 1)} --gradient_accumulation_steps "
+                            f"{was[0] * was[1] // max(was[0] // 2, 1)}), not change it.")
+    return merged
+
+
+def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
+    """infer.py --adapter: the base model, template name, context length and 4-bit setting the run trained with,
+    with the given ones merged by the same rule. Returns (settings, record)."""
+    folder = RunFolder(adapter)
+    rec = folder.read()
+    if not (folder.path / "adapter_config.json").is_file():
+        raise UserError(f"{adapter!r} has run.json but no adapter_config.json: the run did not finish saving. "
+                        f"Resume it with train_unsloth.py --resume --output_dir {adapter}")
+    recorded = {"model_name": rec.model_path or rec.args.get("model_name"), "prompt": rec.template,
+                "max_seq_length": rec.args.get("max_seq_length", 2048),
+                "load_in_4bit": rec.args.get("load_in_4bit", True)}
+    return merge(recorded, {k: v for k, v in given.items() if v not in ("", 0, None)}, INFER_CHANGES,
+                 f"--adapter {adapter}"), rec

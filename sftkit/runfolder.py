@@ -1,0 +1,343 @@
+"""The run folder and its record: the one owner of `run.json` and of what may happen to a folder.
+
+A run folder holds the LoRA adapter, the tokenizer, `run.json` (a RunRecord: arguments, backend, template,
+tokens, data counts, metrics, memory, exports), `metrics.jsonl` and the trainer's `checkpoint-*` folders.
+infer.py and memory_report.py read it back through RunFolder.read(); train_unsloth.py claims it (a lock, the
+overwrite and resume rules), writes the record through RunFolder.save() and settles it with finish() / fail().
+"""
+
+import fnmatch
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .errors import UserError
+
+log = logging.getLogger("sftkit")
+
+RECORD = "run.json"
+LOCK = ".lock"
+SCHEMA = 2  # 1: the unversioned records of earlier releases (same keys, read as they are)
+# What train_unsloth.py (and the trainer, and the exports) write into a run folder; anything else is the user's.
+OURS = ("run.json", "metrics.jsonl", "samples.jsonl", "adapter_model.safetensors", "adapter_config.json",
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+        "generation_config.json", "training_args.bin", "README.md", "Modelfile", "checkpoint-*", "merged-*",
+        "gguf", "runs", LOCK, ".run.*.json")
+
+
+@dataclass
+class RunRecord:
+    """run.json, typed. Unknown keys from a newer release are kept in `extra` and written back."""
+    status: str = "running"  # running | finished | interrupted | failed | aborted
+    args: dict = field(default_factory=dict)  # train()'s arguments as the user asked (not the fast plan)
+    backend: dict = field(default_factory=dict)
+    model_path: str = ""  # what infer.py reloads the base from, whatever folder it runs in
+    template: str = ""
+    template_kind: str = ""
+    template_text: str = ""
+    tokens: dict = field(default_factory=dict)  # bos / eos / pad tokens and ids the run trained with
+    data: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+    fast: dict | None = None
+    versions: dict = field(default_factory=dict)
+    world_size: int = 1
+    started: str = ""
+    finished: str | None = None
+    resumed_from: str | None = None
+    metrics: dict | None = None
+    memory: dict | None = None
+    exports: dict = field(default_factory=dict)
+    error: str | None = None
+    schema: int = SCHEMA
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        return {**out.pop("extra"), **out}
+
+    @classmethod
+    def from_dict(cls, raw, path: Path) -> "RunRecord":
+        names = {f.name for f in fields(cls)} - {"extra"}
+        if not isinstance(raw, dict) or not isinstance(raw.get("args", {}), dict) or "status" not in raw:
+            raise damaged(path, "it is not a run record (no status or args)")
+        if int(raw.get("schema", 1)) > SCHEMA:
+            raise UserError(f"{path} was written by a newer sftkit (record schema {raw['schema']}, this one reads up "
+                            f"to {SCHEMA}). Update the scripts (git pull) to read it.")
+        known = {k: v for k, v in raw.items() if k in names}
+        return cls(**{**known, "schema": SCHEMA}, extra={k: v for k, v in raw.items() if k not in names})
+
+
+def damaged(path: Path, why: str) -> UserError:
+    return UserError(f"{path} is damaged ({why}), so the run's settings are unknown; nothing was read from it. "
+                     f"Restore the file (it is plain JSON), or start the run again with --overwrite (the folder's "
+                     "checkpoints are then replaced).")
+
+
+def default_name(model_name: str, dataset: str) -> str:
+    """outputs/<model>-<data set>: the same command lands in the same folder, so a rerun is caught."""
+    def short(s):
+        name = Path(str(s).rstrip("/")).name
+        for ext in (".jsonl", ".json", ".csv", ".parquet"):  # data files only: "Llama-3.1-8B" keeps its ".1-8B"
+            name = name[: -len(ext)] if name.endswith(ext) else name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "run")
+    return str(Path("outputs") / f"{short(model_name)}-{short(dataset)}")
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def incomplete(checkpoint: Path) -> str:
+    """Why a checkpoint cannot be resumed from ('' when it can): a kill or a full disk mid-save leaves one part."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "trainer_state.json is cut off"
+    if not any((checkpoint / n).is_file() for n in ("adapter_model.safetensors", "model.safetensors")):
+        return "no adapter weights"
+    if not (checkpoint / "optimizer.pt").is_file():
+        return "no optimizer state (optimizer.pt)"
+    return ""
+
+
+class RunFolder:
+    """One training run's folder: claim (lock + the overwrite/resume rules), begin, save, finish or fail."""
+
+    def __init__(self, path):
+        if not str(path or "").strip():  # Path("") would quietly mean the current folder
+            raise UserError("no run folder given. Pass the --output_dir of a training run, e.g. outputs/RUN "
+                            "(train_unsloth.py prints it at the end).")
+        self.path = Path(path)
+        self.replaced = None  # where --overwrite moved the previous run, until this one settles
+        self._locked = False
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    @property
+    def record_path(self) -> Path:
+        return self.path / RECORD
+
+    def read(self) -> RunRecord:
+        """The record, or a UserError that says what to pass instead."""
+        if not self.path.is_dir():
+            raise UserError(f"run folder {str(self.path)!r} does not exist. Pass the --output_dir of a training run "
+                            "(train_unsloth.py prints it at the end).")
+        if not self.record_path.is_file():
+            raise UserError(f"{str(self.path)!r} has no {RECORD}, so it was not written by train_unsloth.py (or the "
+                            "run never started). Pass a run folder that train_unsloth.py wrote (infer.py can also "
+                            "take --model_name with --prompt for a plain model).")
+        try:
+            raw = json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise damaged(self.record_path, f"not valid JSON: {err}") from err
+        return RunRecord.from_dict(raw, self.record_path)
+
+    def exists(self) -> bool:
+        return self.record_path.is_file()
+
+    def checkpoints(self, quiet: bool = False) -> list[Path]:
+        """Complete checkpoints, oldest first; a half-written one is skipped, with a log line."""
+        if not self.path.is_dir():
+            return []
+        found = sorted((p for p in self.path.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                       key=step_of)
+        good = []
+        for ckpt in found:
+            why = incomplete(ckpt)
+            if not why:
+                good.append(ckpt)
+            elif not quiet:
+                log.info("skipping %s: %s (cut off by a kill or a full disk)", ckpt.name, why)
+        return good
+
+    def foreign(self) -> list[str]:
+        """Entries of the folder that sftkit did not write (the user's own files)."""
+        return sorted(p.name for p in self.path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in OURS))
+
+    # -- claiming ---------------------------------------------------------------------------------------------
+    def claim(self, overwrite: bool, resume: bool, max_steps: int = -1):
+        """Takes the folder for a training run: the lock, then the overwrite / resume rules. Deletes nothing
+        (see begin()). Returns the checkpoint to resume from, or None to start afresh."""
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite contradict each other: resume continues the run in "
+                            f"{self.path}, overwrite replaces it. Pass one of them.")
+        self.lock()
+        try:
+            return self._rules(overwrite, resume, max_steps)
+        except BaseException:
+            self.unlock()
+            raise
+
+    def _rules(self, overwrite, resume, max_steps):
+        out = str(self.path)
+        has_record = self.exists()
+        rec = self.read() if has_record and (resume or not overwrite) else None  # damaged: the read says so
+        if resume:
+            ckpts = self.checkpoints()
+            if not ckpts:
+                if has_record:
+                    raise UserError(f"--resume: the run in {out!r} saved no complete checkpoint to resume from (it "
+                                    "stopped before its first save, or --save_steps was 0). Start it again with "
+                                    f"--overwrite{self._replaced_hint()}.")
+                raise UserError(f"--resume: no checkpoint-* folder in {out!r} to resume from. Run without --resume "
+                                "to start training.")
+            done = (rec.metrics or {}).get("global_step") if rec else None
+            if rec and rec.status == "finished" and (max_steps <= 0 or (done is not None and max_steps <= done)):
+                raise UserError(f"{out!r} already finished at step {done}; resuming would train past it and replace "
+                                "the adapter. To train further pass a larger --max_steps with --resume; to start "
+                                "again, --overwrite.")
+            at = step_of(ckpts[-1])
+            if 0 < max_steps < at:  # equal is fine: a run killed after its last checkpoint still gets finished
+                raise UserError(f"--resume: --max_steps {max_steps} (given or recorded) is below the step of the run's "
+                                f"newest checkpoint, {at}: there is nothing to train back to. Pass --max_steps {at} or "
+                                "more.")
+            return ckpts[-1]
+        entries = [p for p in self.path.iterdir() if p.name != LOCK] if self.path.is_dir() else []
+        if not entries:
+            return None
+        if overwrite:
+            if not has_record:  # never delete what train_unsloth.py did not write
+                raise UserError(f"--overwrite refused: {out!r} is not a run folder (no {RECORD}). Choose an empty or "
+                                "new --output_dir.")
+            if Path.cwd().resolve().is_relative_to(self.path.resolve()):
+                raise UserError(f"--overwrite refused: {out!r} is the folder you are working in (or holds it). Pass "
+                                "the run's folder by its name, e.g. --output_dir outputs/my-run.")
+            theirs = self.foreign()
+            if theirs:
+                raise UserError(f"--overwrite refused: {out!r} holds files sftkit did not write: {', '.join(theirs)}. "
+                                "Move them out of the folder (or choose another --output_dir), then retry.")
+            self._no_leftover()
+            return None
+        if rec is not None and rec.status == "finished":
+            raise UserError(f"{out!r} already holds a finished run. Pass --overwrite to replace it, or choose another "
+                            "--output_dir.")
+        if self.checkpoints(quiet=True):
+            raise UserError(f"{out!r} holds an unfinished run with {self.checkpoints(quiet=True)[-1].name}. Pass "
+                            "--resume to continue it, or --overwrite to start again.")
+        raise UserError(f"{out!r} exists and is not empty. Choose another --output_dir, or pass --overwrite to "
+                        f"replace it{self._replaced_hint()}.")
+
+    def _replaced_hint(self) -> str:
+        old = self.replaced_path()
+        if old.is_dir():
+            return (f". The run an earlier --overwrite replaced is kept in {old}: to get it back, delete {self.path} "
+                    f"and rename {old.name} to {self.path.name}")
+        return ""
+
+    def lock(self):
+        """A second training into this folder while one runs is refused; a lock left by a killed process (its pid
+        gone on this host) is taken over."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock = self.path / LOCK
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.is_file() else ""
+                if owner == me or self._stale(owner):
+                    log.info("taking over %s left by a process that is gone (%s)", lock, owner or "unreadable")
+                    lock.unlink(missing_ok=True)
+                    continue
+                raise UserError(f"{self.path} is in use by another training run (process {owner}). Wait for it to "
+                                f"finish, or stop it; if it is gone, delete {lock}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._locked = True
+            return
+        raise UserError(f"could not take the lock {lock}; delete it if no training run uses {self.path}.")
+
+    @staticmethod
+    def _stale(owner: str) -> bool:
+        host, _, pid = owner.partition(" ")
+        if host != socket.gethostname() or not pid.isdigit():
+            return not owner  # another machine's lock (a shared disk) is respected; an empty one is stale
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def unlock(self):
+        if self._locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._locked = False
+
+    # -- the lifecycle ----------------------------------------------------------------------------------------
+    def replaced_path(self) -> Path:
+        """Where --overwrite keeps the run it replaces: beside the real folder (a symlinked --output_dir too)."""
+        real = self.path.resolve()
+        return real.with_name(real.name + ".replaced")
+
+    def _no_leftover(self) -> Path:
+        old = self.replaced_path()
+        if old.exists():  # the run that replaced it has not finished yet: this may be the only finished copy
+            raise UserError(f"{old} holds the run an earlier --overwrite of {str(self.path)!r} replaced; it is "
+                            "deleted when the run that replaced it finishes (--resume it). Nothing was changed: "
+                            "finish that run, or delete or move the folder, then retry.")
+        return old
+
+    def begin(self, record: RunRecord, fresh: bool):
+        """Once data, model and trainer have loaded: a fresh run moves a previous one aside (never deleted before
+        this run finishes), then the record is written with status running."""
+        if fresh and self.exists():
+            real = self.path.resolve()  # a symlinked folder: move what it points to, keep the link
+            old = self._no_leftover()
+            keep_lock = (real / LOCK).is_file()
+            if keep_lock:
+                (real / LOCK).unlink()
+            real.rename(old)
+            real.mkdir(parents=True, exist_ok=True)  # under torchrun another rank's Trainer may have made it
+            if keep_lock:
+                (real / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}")
+            self.replaced = old
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.save(record)
+
+    def save(self, record: RunRecord):
+        """Writes run.json atomically: an interrupted write never leaves half a file."""
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".run.", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(record.to_dict(), f, ensure_ascii=False, indent=2, default=str)
+        os.replace(tmp, self.record_path)
+
+    def finish(self, record: RunRecord):
+        """Saves the final record; a finished run drops the one it replaced (also after a later --resume)."""
+        self.save(record)
+        if record.status == "finished":
+            old = self.replaced_path()
+            if old.is_dir() and (old / RECORD).is_file():
+                shutil.rmtree(old)
+                log.info("this run replaced the one in %s, now deleted", old)
+        self.unlock()
+
+    def fail(self, record: RunRecord, err: BaseException) -> str:
+        """Records the failure; a run that saved no checkpoint puts the one it replaced back (nothing gained,
+        nothing lost). Returns "restored", "kept" or ""."""
+        record.status = "aborted" if isinstance(err, KeyboardInterrupt) else "failed"
+        record.error = f"{type(err).__name__}: {err}"
+        self.save(record)
+        settled = ""
+        old = self.replaced
+        if old is not None and old.exists():
+            if not self.checkpoints(quiet=True):
+                real = self.path.resolve()
+                shutil.rmtree(real)
+                old.rename(real)
+                log.info("the new run failed before its first checkpoint: the previous run is back in %s", self.path)
+                settled = "restored"
+            else:
+                log.info("the previous run is kept in %s until this one is resumed and finishes", old)
+                settled = "kept"
+        self.unlock()
+        return settled
