@@ -16,8 +16,9 @@ import sys
 
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
-from sftkit.batchfile import answered, read_prompts, run_batch
+from sftkit.batchfile import answered, batch_settings, check_output_path, read_prompts, run_batch
 from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator
+from sftkit.runfolder import RunFolder
 
 log = logging.getLogger("sftkit")
 
@@ -88,14 +89,19 @@ def infer(
         raise UserError(COMPARE_NEEDS_ADAPTER)
     if compare_base and merge_adapter:
         raise UserError(MERGED_CANNOT_COMPARE)
-    rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
-    if input_file:
-        answered(input_file, output_file, rows)  # and an output file that is not ours to append to
-    from transformers import set_seed
-
+    if chat and (sys.stdin is None or sys.stdin.closed):
+        raise UserError("--chat reads prompts from standard input, which is closed here. Run it in a terminal, or "
+                        "pass --instruction '...' or --input_file prompts.jsonl.")
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
     if do_sample:
         gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
+    if input_file:  # and an output file that is not ours to append to, or was answered with other settings
+        check_output_path(output_file)
+        template = RunFolder(adapter).read().template if adapter else (prompt or "alpaca_ko")
+        answered(input_file, output_file, rows, batch_settings(adapter or model_name, template, merge_adapter, gen))
+    from transformers import set_seed
+
     g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, merge_adapter,
                        cuda_graphs, rows=rows, **gen)
     set_seed(seed)

@@ -143,8 +143,13 @@ def plot(run_dir: str = "") -> str:
     ax_mem.legend()
     fig.tight_layout()
     out = Path(run_dir) / PLOT
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as err:  # a read-only or full run folder
+        raise UserError(f"cannot write {out} ({err.strerror}). Copy the run folder somewhere writable and plot "
+                        "there, or free space.") from err
+    finally:
+        plt.close(fig)
     print(out)
     return str(out)
 

@@ -136,7 +136,7 @@ def train(
         trainer.log_data(info, train_rows, eval_rows, template, plan, world_size)
         config = trainer.sft_config(a, choice, plan, eval_rows is not None, world_size, info["format"] == "chat")
         stopper = interrupt_callback()  # Ctrl-C / SIGTERM: checkpoint after the current step, then stop
-        sft = trainer.build_trainer(model, tokenizer, train_rows, eval_rows, config, a["output_dir"], stopper)
+        sft = trainer.build_trainer(model, tokenizer, train_rows, eval_rows, config, a["output_dir"], stopper, choice)
 
         # 6. Only now does a fresh run move a previous one aside (deleted when this one finishes).
         record = trainer.make_record(a, choice, template, info, notes, plan, world_size, ckpt, tokenizer)

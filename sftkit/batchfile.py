@@ -42,7 +42,30 @@ def read_prompts(input_file: str) -> list:
     return rows
 
 
-def answered(input_file: str, output_file: str, rows=None):
+GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def batch_settings(source: str, template: str, merged: bool, gen: dict, system: str = "") -> dict:
+    """What made an answer: the adapter (or model), template, merge and generation settings. Written into every
+    answer line; a rerun with other settings must not append to the same file."""
+    out = {"model": str(Path(source).resolve()) if Path(source).exists() else source, "template": template,
+           "merged_adapter": bool(merged), **{k: gen[k] for k in GEN_KEYS if k in gen}}
+    if system:
+        out["system"] = system
+    return out
+
+
+def check_output_path(output_file: str):
+    """--output_file must be a file in a folder that exists (checked before the model loads)."""
+    dst = Path(output_file)
+    if dst.is_dir():
+        raise UserError(f"--output_file {output_file} is a folder; pass a file in it, e.g. {dst / 'answers.jsonl'}.")
+    if not dst.parent.is_dir():
+        raise UserError(f"--output_file {output_file}: the folder {dst.parent} does not exist. Create it (mkdir -p "
+                        f"{dst.parent}) or pass a path in an existing folder.")
+
+
+def answered(input_file: str, output_file: str, rows=None, settings=None):
     """(rows already answered, the output's lines to keep, whether its last line was torn). Refuses an output
     file that is the input, that holds lines this script did not write, or answers to another input file's
     prompts (when `rows` are given): appending to it, or dropping its lines, would damage someone's file.
@@ -75,6 +98,12 @@ def answered(input_file: str, output_file: str, rows=None):
                                      and rows[i].get("instruction") == row.get("instruction")):
             raise UserError(f"--output_file {output_file} line {n} answers prompt {i!r}, which is not that prompt of "
                             f"--input_file {input_file}: the answers are another file's, so {fix}")
+        if settings is not None and row.get("settings") != settings:
+            was = row.get("settings") or {}
+            diff = sorted(k for k in set(was) | set(settings) if was.get(k) != settings.get(k))
+            raise UserError(f"--output_file {output_file} line {n} was answered with other settings ("
+                            + ", ".join(f"{k}: {was.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+                            + f"); appending would mix them. {fix}")
         done.add(i)
         kept.append(line)
     return done, kept, False
@@ -91,12 +120,13 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
 
     rows = read_prompts(input_file) if rows is None else rows
     dst = Path(output_file)
-    done, kept, torn = answered(input_file, output_file, rows)
+    done, kept, torn = answered(input_file, output_file, rows, g.settings)
     if torn:  # a half-written last line from a killed run: dropped, and its row answered again below
         tmp = dst.with_name(dst.name + ".tmp")  # rewrite atomically: a kill now must not lose the answers
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, dst)
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
+    g.check_lengths([(i + 1, g.row_ids(r)) for i, r in todo])  # a prompt past the window fails before any answer
     if done:
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))
     width = min(batch_size, len(todo))
@@ -114,11 +144,9 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
             for k, ((i, r), a) in enumerate(zip(chunk, answers)):
                 # _row first: a kill mid-write leaves a line that still shows it was ours (see answered())
                 out = {ROW: i, **{key: v for key, v in r.items() if key != ROW}, "answer": a["answer"],
-                       "stopped": a["stopped"]}
+                       "stopped": a["stopped"], "settings": g.settings}
                 if base:
                     out["base_answer"] = base[k]["answer"]
-                if g.merged:  # re-quantized weights (in 4-bit): a resumed file says which answers came from them
-                    out["merged_adapter"] = True
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())

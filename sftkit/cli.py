@@ -33,7 +33,8 @@ def run_cli(fn, argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stderr)
     try:
-        if isinstance(fn, dict):
+        positional = isinstance(fn, dict)  # memory_report.py show RUN; train and infer take flags only
+        if positional:
             name, fn, argv = command_of(fn, argv)
             prog = f"{sys.argv[0]} {name}"
         else:
@@ -41,7 +42,7 @@ def run_cli(fn, argv=None):
         if {"-h", "--help", "-help"} & set(argv):
             print(help_text(fn, prog))
             return
-        given = check_flags(fn, argv)
+        given = check_flags(fn, argv, positional)
         quiet_libraries()
         import fire
 
@@ -94,9 +95,9 @@ def params(fn) -> dict:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def check_flags(fn, argv: list) -> set:
+def check_flags(fn, argv: list, positional_ok: bool = True) -> set:
     """The names typed (flags, and parameters filled by position); an unknown flag is a UserError naming the
-    closest known one."""
+    closest known one, and so is a value without a flag where the command takes none by position."""
     known = params(fn)
     given, positional, i = set(), 0, 0
     while i < len(argv):
@@ -117,6 +118,9 @@ def check_flags(fn, argv: list) -> set:
                 takes_value = False  # `--chat prompts.txt` is a switch and a stray word, as Fire reads it
             i += 2 if takes_value else 1
             continue
+        if not positional_ok:
+            raise UserError(f"{token!r} has no flag in front of it: every argument is given as --FLAG VALUE "
+                            "(--help lists them). Quote a value that holds spaces.")
         positional += 1
         i += 1
     order = [n for n, p in known.items() if p.kind == p.POSITIONAL_OR_KEYWORD]

@@ -8,13 +8,12 @@ import logging
 import os
 from pathlib import Path
 
+from . import hubcard
 from .backend import save_merged
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
 MERGED = ("", "16bit", "4bit")
-# Left out of a Hub upload: checkpoints and optimizer states stay local, other exports go separately.
-NOT_UPLOADED = ("checkpoint-*", "checkpoint-*/**", "*.pt", "training_args.bin", ".run.*", "merged-*/**", "gguf/**")
 
 
 def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice):
@@ -49,21 +48,22 @@ def save_gguf(model, tokenizer, run_dir: str, quant: str, choice) -> str:
     return out
 
 
-def push(folder: str, repo_id: str, api=None) -> str:
-    """Uploads the adapter (or merged) folder to repo_id; checkpoints and optimizer states stay local."""
+def push(source: str, repo_id: str, folder, record, api=None) -> str:
+    """Uploads a clean copy of the adapter (or merged model) to repo_id: staged in RUN/hub-upload with no local
+    path in it and a model card (hubcard.py); checkpoints and optimizer states stay local."""
+    staged = hubcard.stage(Path(source), folder.path, record, repo_id)
     if api is None:
         from huggingface_hub import HfApi
 
         api = HfApi(token=os.environ.get("HF_TOKEN"))
     try:
         api.create_repo(repo_id, exist_ok=True, private=True)
-        api.upload_folder(folder_path=folder, repo_id=repo_id, ignore_patterns=list(NOT_UPLOADED))
+        api.upload_folder(folder_path=str(staged), repo_id=repo_id)
     except Exception as err:
         # Never echo the token: the message comes from the Hub client, which does not include it.
-        excludes = " ".join(f"--exclude '{x}'" for x in NOT_UPLOADED)
-        raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally in "
-                        f"{folder}. Check that HF_TOKEN has write access, then upload that folder without training "
-                        f"again: hf upload {repo_id} {folder} . --private {excludes}") from err
+        raise UserError(f"upload to {repo_id} failed: {type(err).__name__}: {err}. The run is saved locally, and what "
+                        f"would be uploaded is staged in {staged}. Check that HF_TOKEN has write access, then upload "
+                        f"it without training again: hf upload {repo_id} {staged} . --private") from err
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -78,7 +78,7 @@ def export(model, tokenizer, folder, record, choice, merged: str, gguf: str, hub
         if gguf:
             exports["gguf"] = save_gguf(model, tokenizer, out, gguf, choice)
         if hub_repo:
-            exports["hub"] = push(exports.get("merged", out), hub_repo)
+            exports["hub"] = push(exports.get("merged", out), hub_repo, folder, record)
             log.info("uploaded to %s", exports["hub"])
     except UserError as err:
         exports["error"] = str(err)

@@ -11,6 +11,7 @@ from . import prompts
 from .backend import choose, for_inference, load_adapter, load_model
 from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
+from .batchfile import batch_settings
 from .recorded import inference_settings
 
 log = logging.getLogger("sftkit")
@@ -22,9 +23,11 @@ MERGED_CANNOT_COMPARE = ("--compare_base switches the adapter off and on, which 
 
 
 class Generator:
-    def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = "", merged: bool = False):
+    def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = "", merged: bool = False,
+                 window: int = 2048, source: str = ""):
         self.model, self.tok, self.template, self.choice, self.adapter = model, tokenizer, template, choice, adapter
-        self.merged = merged
+        self.merged, self.window = merged, window
+        self.settings = batch_settings(adapter or source, template.name, merged, gen)
         self.gen = dict(gen)
         stop_ids = [tokenizer.eos_token_id]
         if template.kind == "chat":
@@ -81,14 +84,28 @@ class Generator:
             results.append({"answer": text.strip(), "stopped": stopped, "tokens": len(row)})
         return results
 
+    def check_lengths(self, numbered_ids):
+        """Prompts that leave no room for the answer in the context window are refused, naming them: truncating
+        would cut the question, and one long prompt would pad the whole batch to its length."""
+        room = self.window - self.gen.get("max_new_tokens", 128)
+        long = [(n, len(ids)) for n, ids in numbered_ids if len(ids) > room]
+        if long:
+            shown = ", ".join(f"prompt {n} ({k} tokens)" for n, k in long[:5])
+            raise UserError(f"{shown}{' and more' if len(long) > 5 else ''}: longer than the {room} tokens the context "
+                            f"window of {self.window} leaves beside --max_new_tokens "
+                            f"{self.gen.get('max_new_tokens', 128)}. Shorten them, or pass a larger --max_seq_length "
+                            "(the model's window may be exceeded with RoPE scaling, at some cost in quality).")
+
     def answer(self, instruction: str, input: str = "", stream: bool = False, base: bool = False, history=None):
         """One answer; streamed token by token to stdout (prompt not echoed) when stream is True."""
+        ids = self.prompt_ids(instruction, input, history)
+        self.check_lengths([(1, ids)])
         streamer = None
         if stream:
             from transformers import TextStreamer
 
             streamer = TextStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        return self._generate([self.prompt_ids(instruction, input, history)], streamer, base)[0]
+        return self._generate([ids], streamer, base)[0]
 
     def row_ids(self, row: dict) -> list:
         """prompt_ids of a batch file's line: its instruction, input and any further template fields."""
@@ -148,7 +165,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
                      "cache", cache)
     elif cuda_graphs:
         log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
-    return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter)
+    return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter,
+                     window=max_seq_length or 2048, source=model_name)
 
 
 def check_fields(template, rows=None):

@@ -80,8 +80,10 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     with the given ones merged by the same rule. Returns (settings, record)."""
     folder = RunFolder(adapter)
     rec = folder.read()
-    if not (folder.path / "adapter_config.json").is_file():
-        raise UserError(f"{adapter!r} has run.json but no adapter_config.json: the run did not finish saving. "
+    if not (folder.path / "adapter_config.json").is_file() or not any(
+            (folder.path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise UserError(f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors): "
+                        "the run did not finish saving. "
                         f"Resume it with train_unsloth.py --resume --output_dir {adapter}")
     recorded = {"model_name": rec.model_path or rec.args.get("model_name"), "prompt": rec.template,
                 "max_seq_length": rec.args.get("max_seq_length", 2048),

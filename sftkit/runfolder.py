@@ -28,7 +28,7 @@ SCHEMA = 2  # 1: the unversioned records of earlier releases (same keys, read as
 OURS = ("run.json", "metrics.jsonl", "samples.jsonl", "adapter_model.safetensors", "adapter_config.json",
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
         "generation_config.json", "training_args.bin", "README.md", "Modelfile", "checkpoint-*", "merged-*",
-        "gguf", "runs", LOCK, ".run.*.json")
+        "gguf", "runs", "hub-upload", LOCK, ".run.*.json")
 
 
 @dataclass
@@ -235,11 +235,14 @@ class RunFolder:
     def lock(self):
         """A second training into this folder while one runs is refused; a lock left by a killed process (its pid
         gone on this host) is taken over."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--output_dir {self.path} is a file, not a folder. Pass a folder for the run, e.g. "
+                            "outputs/my-run.")
         lock = self.path / LOCK
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
+                self.path.mkdir(parents=True, exist_ok=True)
                 fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = lock.read_text(encoding="utf-8", errors="replace").strip() if lock.is_file() else ""
@@ -249,6 +252,9 @@ class RunFolder:
                     continue
                 raise UserError(f"{self.path} is in use by another training run (process {owner}). Wait for it to "
                                 f"finish, or stop it; if it is gone, delete {lock}.")
+            except OSError as err:  # read-only, no space, a parent that is a file, ...
+                raise UserError(f"--output_dir {self.path} cannot be written ({err.strerror}). Pass a folder you can "
+                                "write to, e.g. outputs/my-run.") from err
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             self._locked = True

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import checks, data, fastplan, memory, prompts
-from .backend import add_lora, load_model
+from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names
 from .errors import UserError
 from .metricslog import metrics_callback
@@ -140,7 +140,7 @@ def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, cha
     )
 
 
-def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: str, stopper):
+def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: str, stopper, choice):
     """TRL's SFTTrainer (tokenizing, masking, logging, checkpoints); its refusal of data or template is one line."""
     from trl import SFTTrainer
 
@@ -150,13 +150,15 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: s
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
     try:  # TRL tokenizes here and checks the rows against the template (a chat template's generation tags)
-        return SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
-                          args=config, callbacks=[metrics_callback(Path(output_dir) / "metrics.jsonl"), stopper])
+        sft = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
+                         args=config, callbacks=[metrics_callback(Path(output_dir) / "metrics.jsonl"), stopper])
     except ValueError as err:
         tags = (" For a chat template without {% generation %} tags, pass --train_on_inputs or add the tags "
                 "around the assistant turns." if "generation" in str(err) else "")
         raise UserError(f"the trainer refused the data or the template: {err} Nothing in {output_dir} was "
                         f"changed.{tags}") from err
+    trainable_in_fp32(sft.model, choice)
+    return sft
 
 
 def token_record(tokenizer) -> dict:

@@ -10,6 +10,9 @@ TINY = str(ROOT / "examples" / "tiny-llama")
 SAMPLE = str(ROOT / "examples" / "data" / "korean_safe_sample.jsonl")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the suite never touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The T4 rehearsal (../shared/gpu/t4.sh) runs the GPU suite with SFTKIT_TEST_DTYPE=fp16: the H200 under MPS still
+# reports bf16 support, and a T4 trains in fp16.
+DTYPE = os.environ.get("SFTKIT_TEST_DTYPE", "auto")
 
 
 def cuda_available():
@@ -31,6 +34,8 @@ def quick_args(tmp_path, **over):
     """A fast CPU training run on the tiny model; learning rate high enough for the loss to move in 20 steps."""
     args = dict(model_name=TINY, dataset=SAMPLE, max_samples=16, max_steps=20, learning_rate=1e-2, warmup_steps=0,
                 output_dir=str(tmp_path / "run"), save_steps=10, logging_steps=1)
+    if DTYPE != "auto":
+        args["dtype"] = DTYPE
     args.update(over)
     return args
 
@@ -64,7 +69,8 @@ def no_model_load(monkeypatch):
 
 
 def train_cmd(*args):
-    return [sys.executable, str(ROOT / "train_unsloth.py"), *args]
+    dtype = ["--dtype", DTYPE] if DTYPE != "auto" and "--dtype" not in args and "--resume" not in args else []
+    return [sys.executable, str(ROOT / "train_unsloth.py"), *args, *dtype]
 
 
 def prepared(ds, template, eos_token, **kw):

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
+from conftest import DTYPE, SAMPLE, TINY, metrics, quick_args, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -24,7 +24,8 @@ def test_unsloth_trains_the_tiny_model_in_4bit(unsloth_run):
     import torch
 
     native_bf16 = torch.cuda.get_device_capability()[0] >= 8  # a T4 (7.5) trains in fp16
-    assert rec["backend"]["dtype"] == ("bf16" if native_bf16 else "fp16") and rec["versions"]["unsloth"]
+    expected = DTYPE if DTYPE != "auto" else ("bf16" if native_bf16 else "fp16")
+    assert rec["backend"]["dtype"] == expected and rec["versions"]["unsloth"]
     assert rec["memory"]["memory_kind"] == "gpu" and rec["memory"]["peak_reserved_gb"] > 0
     losses = [m["loss"] for m in metrics(unsloth_run)]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # learning happened
@@ -124,13 +125,13 @@ def test_unsloth_merged_16bit_matches_base_plus_adapter(tmp_path):
 
 HF_MERGE_ON_CPU = """
 import logging, sys
-import sftkit.saving
+import sftkit.backend.merging
 logging.basicConfig(level=logging.INFO)  # as run_cli does for the scripts: the merge logs where it runs
 # As when a 16-bit base does not fit beside the training model (an 8B base on a T4): merge_device picks the CPU.
-sftkit.saving.merge_device = lambda mode, need, free: ("CPU", "as if the base did not fit the GPU")
+sftkit.backend.merging.merge_device = lambda mode, need, free: ("CPU", "as if the base did not fit the GPU")
 from train_unsloth import train
 train(model_name=sys.argv[1], dataset=sys.argv[2], output_dir=sys.argv[3], backend="hf", max_samples=16,
-      max_steps=10, learning_rate=1e-2, warmup_steps=0, save_steps=0, save_merged="16bit")
+      max_steps=10, learning_rate=1e-2, warmup_steps=0, save_steps=0, save_merged="16bit", dtype=sys.argv[4])
 """
 
 
@@ -141,7 +142,7 @@ def test_hf_backend_merges_on_the_cpu_when_the_gpu_is_short(tmp_path):
     import sys
 
     out = tmp_path / "run"
-    res = subprocess.run([sys.executable, "-c", HF_MERGE_ON_CPU, TINY, SAMPLE, str(out)], capture_output=True,
+    res = subprocess.run([sys.executable, "-c", HF_MERGE_ON_CPU, TINY, SAMPLE, str(out), DTYPE], capture_output=True,
                          text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "merging on the CPU: as if the base did not fit the GPU" in res.stderr
@@ -207,10 +208,12 @@ def test_fast_mode_plans_on_the_gpu_and_resume_continues(tmp_path):
     assert [m["step"] for m in metrics(out)] == list(range(1, 7))
 
 
-def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
-    """What a T4 (no native bf16) runs: --dtype fp16, float16 weights around the 4-bit base and loss scaling. On
-    this GPU the flag forces it. The loss must stay finite and fall, the adapter must hold finite, trained
-    weights, and infer.py in fp16 must answer from it."""
+@pytest.mark.parametrize("backend", ["unsloth", "hf"])
+def test_fp16_as_on_a_t4_trains_and_answers(tmp_path, backend):
+    """What a T4 (no native bf16) runs: --dtype fp16, float16 weights around the 4-bit base and loss scaling, on
+    Unsloth and on the plain path a T4 takes when Unsloth fails to import (it used to crash at the first optimizer
+    step: the gradient scaler unscales only fp32 gradients). The loss must stay finite and fall, the adapter must
+    hold finite, trained weights, and infer.py in fp16 must answer from it."""
     import math
     import re
     import subprocess
@@ -224,11 +227,11 @@ def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(train_cmd("--model_name", TINY, "--dataset", SAMPLE, "--max_samples", "32", "--dtype", "fp16",
                                    "--max_steps", "20", "--learning_rate", "2e-2", "--warmup_steps", "0",
-                                   "--save_steps", "0", "--output_dir", str(out)),
+                                   "--save_steps", "0", "--output_dir", str(out), "--backend", backend),
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rec = json.loads((out / "run.json").read_text())
-    assert rec["backend"]["backend"] == "unsloth" and rec["backend"]["dtype"] == "fp16"
+    assert rec["backend"]["backend"] == backend and rec["backend"]["dtype"] == "fp16"
     losses = [m["loss"] for m in metrics(out)]
     print("fp16 losses:", [round(x, 3) for x in losses])
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
@@ -237,6 +240,7 @@ def test_fp16_as_on_a_t4_trains_and_answers(tmp_path):
     assert all(torch.isfinite(v).all() for v in w.values())
     assert all(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k)  # B starts at zero: it was trained
     ans = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", str(out), "--dtype", "fp16",
+                          "--backend", backend,
                           "--instruction", "비밀번호를 안전하게 만드는 방법은?", "--max_new_tokens", "12"],
                          capture_output=True, text=True, timeout=600)
     assert ans.returncode == 0, ans.stderr[-3000:]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import metrics, quick_args
+from conftest import metrics, quick_args, write_jsonl
 from sftkit.runfolder import RECORD, RunFolder, RunRecord
 from sftkit.errors import UserError
 from train_unsloth import train
@@ -202,3 +202,13 @@ def test_out_of_memory_advice_fits_what_is_left(tmp_path, tiny_run, monkeypatch)
     with pytest.raises(UserError, match="No checkpoint was saved yet: start again with --overwrite with a lower "
                                        "--per_device_train_batch_size"):
         train(**quick_args(tmp_path / "fresh", max_steps=2))
+
+
+def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path):
+    rows = [json.loads(line) for line in Path(quick_args(tmp_path)["dataset"]).read_text().splitlines()[:16]]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    out = train(**quick_args(tmp_path, dataset=data, max_steps=2, save_steps=2))
+    rows[3]["output"] = "바뀐 답"  # one answer edited after the run
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(UserError, match="--resume: the data differ from those the run .* started with"):
+        train(output_dir=out, resume=True, max_steps=4)

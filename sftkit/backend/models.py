@@ -130,15 +130,24 @@ def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same start
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
                         target_modules=list(target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(model, config)
-    if choice.dtype == "fp16":
-        # fp16 training runs a gradient scaler, which unscales only fp32 gradients: LoRA weights made in the
-        # base's 16-bit dtype (bf16 for Llama 3.1's layers in 4-bit) would crash at the first optimizer step.
-        # The base stays in 16-bit; autocast runs the matmuls in fp16.
-        for param in model.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-    return model
+    return get_peft_model(model, config)
+
+
+def trainable_in_fp32(model, choice):
+    """fp16 on the plain path: call once the trainer is built. fp16 training runs a gradient scaler, which unscales
+    only fp32 gradients, and TRL's SFTTrainer turns a quantized model's LoRA weights into bf16 (the QLoRA paper's
+    choice, made for bf16 runs): a T4's fp16 run then crashed at the first optimizer step. The base stays 4-bit /
+    16-bit; autocast still runs the matmuls in fp16. Unsloth's trainer handles this on its path."""
+    import torch
+
+    if choice.unsloth or choice.dtype != "fp16":
+        return 0
+    moved = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            moved += 1
+    return moved
 
 
 def for_inference(model, choice):
@@ -157,7 +166,14 @@ def load_adapter(model, adapter_dir: str):
     """Puts a saved LoRA adapter on a loaded base model (either backend)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    except RuntimeError as err:  # "size mismatch for ...lora_A.weight": trained on a base of another shape
+        if "size mismatch" not in str(err):
+            raise
+        raise UserError(f"the adapter in {adapter_dir} was trained on a base model of another shape than "
+                        f"{getattr(model.config, '_name_or_path', 'the one loaded')} ({next(x.strip() for x in str(err).splitlines() if 'size mismatch' in x)[:160]}"
+                        "). Drop --model_name to use the run's own base, or pass the model it was trained on.") from err
 
 
 def merge_adapter(model):

@@ -1,0 +1,132 @@
+"""No silent failures, by class: unknown flags refused before anything runs, --help that lists the command's own
+flags, one-line errors instead of tracebacks for paths that cannot work, batch answers that record how they were
+made, prompts too long for the window refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SAMPLE, TINY, write_jsonl
+from sftkit.errors import UserError
+
+
+def script(name, *args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / name), *args], capture_output=True, text=True, timeout=300,
+                          **kw)
+
+
+@pytest.mark.parametrize("cmd, typo, closest", [
+    (["train_unsloth.py", "--model_name", TINY, "--dataset", SAMPLE], "--max_step", "--max_steps"),
+    (["infer.py", "--model_name", TINY, "--instruction", "안녕"], "--max_new_token", "--max_new_tokens"),
+    (["memory_report.py", "estimate"], "--seq_len", "--max_seq_length"),
+    (["train_unsloth.py"], "--learning-rat=1e-4", "--learning_rate"),  # Fire's dashes and =VALUE too
+])
+def test_an_unknown_flag_is_refused_before_anything_runs(tmp_path, cmd, typo, closest):
+    done = script(*cmd, typo, "2", cwd=tmp_path)
+    assert done.returncode == 2 and f"did you mean {closest}?" in done.stderr and "Nothing was run" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "outputs").exists()  # nothing trained, nothing made
+
+
+def test_help_lists_the_commands_own_flags_not_fires():
+    done = script("train_unsloth.py", "--help")
+    assert done.returncode == 0 and "--max_steps INT (default: 60)" in done.stdout
+    assert "optimizer steps to run" in done.stdout and "GROUP" not in done.stdout and "COMMAND" not in done.stdout
+    sub = script("memory_report.py", "--help")
+    assert sub.returncode == 0 and "estimate" in sub.stdout and "show" in sub.stdout
+    typo = script("memory_report.py", "shwo", "outputs/x")
+    assert typo.returncode == 2 and "did you mean 'show'?" in typo.stderr
+
+
+def test_a_value_without_its_flag_is_refused(tmp_path):
+    done = script("infer.py", "--model_name", TINY, "안녕하세요", "--instruction", "x", cwd=tmp_path)
+    # Fire would quietly take the stray word as the first argument (--adapter).
+    assert done.returncode == 2 and "'안녕하세요' has no flag in front of it" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_output_folders_that_cannot_work_are_one_line_errors(tmp_path):
+    from train_unsloth import train
+
+    a_file = tmp_path / "taken"
+    a_file.write_text("mine")
+    with pytest.raises(UserError, match="is a file, not a folder"):
+        train(model_name=TINY, dataset=SAMPLE, output_dir=str(a_file), max_steps=1)
+    assert a_file.read_text() == "mine"
+    with pytest.raises(UserError, match="cannot be written"):
+        train(model_name=TINY, dataset=SAMPLE, output_dir=str(a_file / "under" / "it"), max_steps=1)
+    if os.geteuid() != 0:  # root writes anywhere: the read-only case cannot be shown as root
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(UserError, match="cannot be written"):
+            train(model_name=TINY, dataset=SAMPLE, output_dir=str(ro / "run"), max_steps=1)
+
+
+def test_infer_paths_that_cannot_work_are_refused_before_loading(tmp_path, tiny_run, no_model_load):
+    from infer import infer
+
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "안녕"}])
+    with pytest.raises(UserError, match="is a folder; pass a file in it"):
+        infer(adapter=tiny_run, input_file=src, output_file=str(tmp_path))
+    with pytest.raises(UserError, match="does not exist. Create it"):
+        infer(adapter=tiny_run, input_file=src, output_file=str(tmp_path / "missing" / "a.jsonl"))
+    bare = tmp_path / "no-weights"
+    bare.mkdir()
+    for name in ("run.json", "adapter_config.json"):
+        (bare / name).write_bytes((Path(tiny_run) / name).read_bytes())
+    with pytest.raises(UserError, match="no adapter .*did not finish saving.*--resume"):
+        infer(adapter=str(bare), instruction="안녕")
+
+
+def test_chat_with_stdin_closed_says_so(tiny_run):
+    done = script("infer.py", "--adapter", tiny_run, "--chat", stdin=subprocess.DEVNULL)
+    assert done.returncode == 0  # EOF at once: a clean end, no traceback
+    closed = subprocess.run(f"{sys.executable} {ROOT / 'infer.py'} --adapter {tiny_run} --chat <&-", shell=True,
+                            capture_output=True, text=True, timeout=300)
+    assert closed.returncode == 2 and "standard input, which is closed" in closed.stderr
+
+
+def test_an_adapter_on_a_base_of_another_shape_is_one_line(tmp_path, tiny_run):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from sftkit.generate import open_generator
+
+    cfg = AutoConfig.from_pretrained(TINY)
+    cfg.hidden_size, cfg.intermediate_size = cfg.hidden_size * 2, cfg.intermediate_size * 2
+    other = tmp_path / "wider"
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (other / name).write_bytes((Path(TINY) / name).read_bytes())
+    with pytest.raises(UserError, match="trained on a base model of another shape.*Drop --model_name"):
+        open_generator(tiny_run, model_name=str(other))
+
+
+def test_batch_answers_record_their_settings_and_refuse_to_mix(tmp_path, tiny_run):
+    from infer import infer
+
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "안녕하세요"}, {"instruction": "고마워요"}])
+    dst = tmp_path / "a.jsonl"
+    infer(adapter=tiny_run, input_file=src, output_file=str(dst), max_new_tokens=4)
+    lines = [json.loads(x) for x in dst.read_text(encoding="utf-8").splitlines()]
+    assert [x["settings"]["max_new_tokens"] for x in lines] == [4, 4]
+    assert lines[0]["settings"]["template"] == "alpaca_ko" and lines[0]["settings"]["model"] == str(Path(tiny_run))
+    before = dst.read_bytes()
+    with pytest.raises(UserError, match="other settings \\(max_new_tokens: 4 there, 8 now\\)"):
+        infer(adapter=tiny_run, input_file=src, output_file=str(dst), max_new_tokens=8)
+    assert dst.read_bytes() == before
+    infer(adapter=tiny_run, input_file=src, output_file=str(dst), max_new_tokens=4)  # same settings: nothing to do
+    assert dst.read_bytes() == before
+
+
+def test_a_prompt_past_the_window_is_refused_naming_it(tmp_path, tiny_run):
+    from infer import infer
+
+    long = "비밀번호 " * 400
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "짧은 질문"}, {"instruction": long}])
+    dst = tmp_path / "a.jsonl"
+    with pytest.raises(UserError, match="prompt 2 \\(\\d+ tokens\\): longer than the \\d+ tokens"):
+        infer(adapter=tiny_run, input_file=src, output_file=str(dst), max_seq_length=256, max_new_tokens=8)
+    assert not dst.exists() or dst.read_text() == ""  # refused before any answer was written
