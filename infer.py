@@ -47,6 +47,7 @@ def infer(
     max_seq_length: int = 0,
     merge_adapter: bool = False,
     cuda_graphs: bool = False,
+    system: str = "",
 ):
     """Generate answers with a trained adapter (or a base model).
 
@@ -74,6 +75,7 @@ def infer(
       max_seq_length: context length (0 = the run's, or 2048).
       merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
       cuda_graphs: GPU: decode through CUDA graphs (plain transformers; faster per token once compiled, see README).
+      system: system prompt for chat templates (one prompt, --chat, batch lines without their own "system").
     """
     if not (instruction.strip() or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
@@ -99,11 +101,12 @@ def infer(
     if input_file:  # and an output file that is not ours to append to, or was answered with other settings
         check_output_path(output_file)
         template = RunFolder(adapter).read().template if adapter else (prompt or "alpaca_ko")
-        answered(input_file, output_file, rows, batch_settings(adapter or model_name, template, merge_adapter, gen))
+        answered(input_file, output_file, rows, batch_settings(adapter or model_name, template, merge_adapter, gen,
+                                                                 system))
     from transformers import set_seed
 
     g = open_generator(adapter, model_name, prompt, backend, dtype, load_in_4bit, max_seq_length, merge_adapter,
-                       cuda_graphs, rows=rows, **gen)
+                       cuda_graphs, rows=rows, system=system, **gen)
     set_seed(seed)
     if input_file:
         n = run_batch(g, input_file, output_file, batch_size, compare_base, rows=rows)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from sftkit import estimate as est
-from sftkit import memory
+from sftkit import memory, samples
 from sftkit.runfolder import RunFolder, RunRecord
 from sftkit.cli import run_cli
 from sftkit.errors import UserError
@@ -78,6 +78,7 @@ def show(run_dir: str = "") -> str:
         lines.append("tokens/s: not recorded.")
     lines.append(f"final loss: {round(loss, 4) if loss is not None else 'not recorded'}"
                  + (f", eval loss: {round(metrics['eval_loss'], 4)}" if metrics.get("eval_loss") is not None else ""))
+    lines += samples.summary(samples.last_samples(run_dir))  # the last answers sampled in training, if any
     text = "\n".join(lines)
     print(text)
     return text
@@ -190,7 +191,7 @@ def _this_gpu():
 def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int = 2048,
              per_device_train_batch_size: int = 2, r: int = 16, gpu: str | float = "",
              target_modules: str = ",".join(est.MODULES), use_gradient_checkpointing: bool = True,
-             optim: str = "adamw_8bit") -> dict:
+             optim: str = "adamw_8bit", train_embeddings: bool = False) -> dict:
     """Predict peak GPU memory of QLoRA training from the model config alone, and say whether it fits.
 
     Args:
@@ -203,12 +204,13 @@ def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int 
       target_modules: comma-separated linear layers that get LoRA.
       use_gradient_checkpointing: Unsloth's offloaded gradient checkpointing (as train_unsloth.py's flag).
       optim: optimizer, for the size of its states (adamw_8bit, adamw_torch, ...).
+      train_embeddings: also train embed_tokens and lm_head in full (train_unsloth.py --train_embeddings).
     """
     cfg, source = est.load_config(str(model_name))
     here = _this_gpu() if gpu in ("", None) else None
     card = here if here else ("t4" if gpu in ("", None) else gpu)
     res = est.estimate(cfg, max_seq_length, per_device_train_batch_size, r, target_modules,
-                       use_gradient_checkpointing, optim, card)
+                       use_gradient_checkpointing, optim, card, train_embeddings)
     if here:
         label = f"this GPU ({card} GB)"
     elif str(card).strip().lower() in est.GPUS:
@@ -227,6 +229,9 @@ def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int 
         ("logits", res["logits_gib"], f"tokens x vocab {cfg['vocab_size']} x {est.LOGIT_BYTES} B"),
         ("runtime overhead", res["runtime_overhead_gib"], "CUDA context, workspaces, allocator slack"),
     ]
+    if train_embeddings:
+        parts.append(("trained embed_tokens + lm_head", res["train_embeddings_gib"],
+                      f"copies in fp32 with grads and {optim} states (--train_embeddings)"))
     lines = [f"QLoRA memory estimate for {model_name} ({source}): seq {max_seq_length}, batch "
              f"{per_device_train_batch_size}, r {r} on {len(res['target_modules'])} modules", "",
              "| component | GB | from |", "| --- | ---: | --- |"]

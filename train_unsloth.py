@@ -11,7 +11,7 @@ model + LoRA -> data -> SFTTrainer -> train -> adapter + run.json + metrics.json
 
 import logging
 
-from sftkit import checks, data, memory, prompts, trainer
+from sftkit import checks, data, lengths, memory, trainer
 from sftkit.backend import choose
 from sftkit.cli import run_cli
 from sftkit.errors import Stopped
@@ -31,7 +31,7 @@ def train(
     columns: str = "",
     max_samples: int = 0,
     val_size: float = 0.0,
-    prompt: str = "alpaca_ko",
+    prompt: str = "auto",
     train_on_inputs: bool = False,
     max_seq_length: int = 2048,
     dtype: str = "auto",
@@ -42,6 +42,7 @@ def train(
     lora_dropout: float = 0.0,
     target_modules: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     use_gradient_checkpointing: bool = True,
+    train_embeddings: bool = False,
     per_device_train_batch_size: int = 2,
     gradient_accumulation_steps: int = 4,
     warmup_steps: int = 5,
@@ -58,6 +59,7 @@ def train(
     logging_steps: int = 1,
     save_steps: int = 20,
     report_to: str = "none",
+    sample_prompts: str = "",
     output_dir: str = "",
     resume: bool = False,
     overwrite: bool = False,
@@ -75,7 +77,7 @@ def train(
       columns: map template fields onto your columns, e.g. 'instruction=question,output=answer'.
       max_samples: use only the first N rows (0 = all).
       val_size: hold out rows for evaluation: a fraction (0.05) or a count (200); 0 = none.
-      prompt: template name from prompts/ (alpaca_ko, alpaca, llama-3.1-chat, chatml) or a file path.
+      prompt: auto (fits the data: alpaca_ko, the model's own chat template, llama-3.1-chat) | own | name | file.
       train_on_inputs: also train on the prompt tokens (the notebook's way); default trains on answers only.
       max_seq_length: longest sequence in tokens; past the model's window RoPE is scaled to reach it.
       dtype: auto (bf16 where the GPU has it natively, else fp16; fp32 on CPU) | bf16 | fp16 | fp32.
@@ -86,6 +88,7 @@ def train(
       lora_dropout: dropout on the LoRA input (0 lets Unsloth use its fastest kernels).
       target_modules: comma-separated module names that get LoRA adapters.
       use_gradient_checkpointing: recompute activations to save memory (Unsloth's offloaded variant on its path).
+      train_embeddings: also train embed_tokens and lm_head in full (new tokens; ~9.8 GB more for 8B: not on a T4).
       per_device_train_batch_size: rows per micro-batch on each GPU.
       gradient_accumulation_steps: micro-batches per optimizer step.
       warmup_steps: linear learning-rate warm-up steps.
@@ -102,6 +105,7 @@ def train(
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = none: the adapter is saved, no resuming).
       report_to: none | tensorboard | wandb | another transformers integration | several, comma-separated | all.
+      sample_prompts: answer these prompts at each save into samples.jsonl: a file (JSONL or lines); "" built-in; none.
       output_dir: run folder; default outputs/<model>-<dataset>.
       resume: continue from the newest checkpoint in output_dir.
       overwrite: replace a finished run in output_dir.
@@ -115,31 +119,37 @@ def train(
     # 1. Backend and dtype, before transformers/trl/peft are imported (Unsloth patches them on import).
     choice = choose(backend, dtype, cudnn_attention)
     checks.known_names(optim, lr_scheduler_type, report_to)
-    template = prompts.load(prompt)
     check_export_args(save_merged, save_gguf, push_to_hub, choice)
 
     # 2. The run folder: locked, and checked against --overwrite / --resume. Nothing is moved or deleted yet.
     folder, ckpt = trainer.claim_folder(a["output_dir"], overwrite, resume, max_steps, main_rank=rank == 0)
     try:
-        # 3. Data, read, checked and rendered once, before the (slow) model load so bad input fails fast.
-        rows, info = trainer.read_data(a, template)
+        # 3. Data, read, checked and rendered once with the template chosen for them, before the (slow) model load.
+        template, rows, info = trainer.read_data(a, resuming=ckpt is not None)
         trainer.check_same_data(folder, ckpt, info)
 
-        # 4. Model and tokenizer; then EOS on every answer and the eval split, once the tokenizer is known.
+        # 4. Model and tokenizer; then the length policy, EOS on every answer and the eval split.
         model, tokenizer, notes = trainer.load(a, choice, template)
+        rows, fitted = lengths.fit_lengths(rows, tokenizer, max_seq_length, train_on_inputs)  # too long: said, counted
+        info.update(fitted, rows_used=len(rows))
         train_rows, eval_rows = data.finalize(rows, tokenizer.eos_token, val_size, seed)
 
         # 5. Plan the micro-batches (--fast), add LoRA, build TRL's SFTTrainer.
-        plan = trainer.plan_batches(a, choice, trainer.longest_row(a, choice, train_rows, tokenizer), world_size)
-        model = trainer.attach_lora(model, a, choice, plan)
+        plan = trainer.plan_batches(a, choice, trainer.longest_row(a, choice, fitted), world_size)
+        extra, token_info = trainer.special_token_rows(model, tokenizer, template, a)
+        model = trainer.attach_lora(model, a, choice, plan, extra)
         meter = memory.Meter().start()
         trainer.log_data(info, train_rows, eval_rows, template, plan, world_size)
         config = trainer.sft_config(a, choice, plan, eval_rows is not None, world_size, info["format"] == "chat")
         stopper = interrupt_callback()  # Ctrl-C / SIGTERM: checkpoint after the current step, then stop
         sft = trainer.build_trainer(model, tokenizer, train_rows, eval_rows, config, a["output_dir"], stopper, choice)
+        sampler = trainer.sample_callback(a, choice, template, tokenizer)
+        if sampler:
+            sampler.add_to(sft)
 
         # 6. Only now does a fresh run move a previous one aside (deleted when this one finishes).
         record = trainer.make_record(a, choice, template, info, notes, plan, world_size, ckpt, tokenizer)
+        record.tokens["special"] = token_info
         if folder:
             folder.begin(record, fresh=ckpt is None)
     except BaseException:

@@ -82,7 +82,7 @@ def answered(input_file: str, output_file: str, rows=None, settings=None):
     except UnicodeDecodeError:
         raise UserError(f"--output_file {output_file} is not a text file of answers: {fix}") from None
     lines = text.splitlines()
-    done, kept = set(), []
+    done, kept, other, torn = set(), [], None, False
     for n, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -91,22 +91,25 @@ def answered(input_file: str, output_file: str, rows=None, settings=None):
             # Answers are written whole, _row first, newline included: only a kill mid-write leaves a last line
             # that starts like one of ours and has no newline. Anything else is someone's data.
             if n == len(lines) and not text.endswith("\n") and line.startswith('{"' + ROW + '": '):
-                return done, kept, True
+                torn = True
+                break
             raise UserError(f"--output_file {output_file} line {n} is not an answer written by infer.py (no "
                             f"{ROW!r}), so the file is not one to resume: {fix}") from None
         if rows is not None and not (isinstance(i, int) and 0 <= i < len(rows)
                                      and rows[i].get("instruction") == row.get("instruction")):
             raise UserError(f"--output_file {output_file} line {n} answers prompt {i!r}, which is not that prompt of "
                             f"--input_file {input_file}: the answers are another file's, so {fix}")
-        if settings is not None and row.get("settings") != settings:
-            was = row.get("settings") or {}
-            diff = sorted(k for k in set(was) | set(settings) if was.get(k) != settings.get(k))
-            raise UserError(f"--output_file {output_file} line {n} was answered with other settings ("
-                            + ", ".join(f"{k}: {was.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
-                            + f"); appending would mix them. {fix}")
+        if settings is not None and row.get("settings") != settings and other is None:
+            other = (n, row.get("settings") or {})
         done.add(i)
         kept.append(line)
-    return done, kept, False
+    if other:  # checked after every line is known to be ours: a foreign line is the first thing to say
+        n, was = other
+        diff = sorted(k for k in set(was) | set(settings) if was.get(k) != settings.get(k))
+        raise UserError(f"--output_file {output_file} line {n} was answered with other settings ("
+                        + ", ".join(f"{k}: {was.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:4])
+                        + f"); appending would mix them. {fix}")
+    return done, kept, torn
 
 
 def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare_base: bool = False,

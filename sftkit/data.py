@@ -10,6 +10,7 @@ import logging
 import os
 from pathlib import Path
 
+from . import rowcheck
 from .errors import UserError
 from .prompts import Template, render
 
@@ -17,8 +18,6 @@ log = logging.getLogger("sftkit")
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMATS = ("auto", "alpaca", "chat", "text")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "model": "assistant"}
 
 
 def parse_columns(columns) -> dict:
@@ -53,8 +52,9 @@ def load_dataset_any(dataset: str, split: str = "train"):
         blank = [p.name for p in files if is_blank(p)]
         if blank:  # checked first: the loaders fail on these with an empty or misleading message
             raise UserError(no_rows(dataset, blank if path.is_dir() else None))
+        kwargs = rowcheck.check_files(files)  # bytes, layout, names given twice; CSV cells read as the text they are
         try:
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", **kwargs)
         except Exception as err:
             if "corresponds to no data" in str(err):  # e.g. a .json holding [] or a .csv with only a header
                 raise UserError(no_rows(dataset)) from err
@@ -107,6 +107,11 @@ def detect_format(column_names, requested: str = "auto") -> str:
                     "--columns 'instruction=question,output=answer', or set --data_format.")
 
 
+def format_of(ds, data_format: str = "auto", columns=None) -> str:
+    """The data format, from the columns as --columns maps them (what picks the template under --prompt auto)."""
+    return detect_format(apply_mapping(ds, parse_columns(columns)).column_names, data_format)
+
+
 def apply_mapping(ds, mapping: dict):
     """Renames data-set columns onto the fields the template and formats expect ({field: column})."""
     missing = [col for col in mapping.values() if col not in ds.column_names]
@@ -133,14 +138,11 @@ def to_messages(row: dict, index: int = 0) -> list:
 
 def to_turn(turn, column: str, index: int) -> dict:
     # A column of mixed rows is unified by Arrow: absent keys read as None, so test values, not key presence.
+    # rowcheck.check_text_fields has refused unknown speakers and non-text content already.
     if isinstance(turn, dict) and turn.get("role") is not None:
-        return {"role": turn["role"], "content": turn.get("content") or ""}
+        return {"role": rowcheck.role_of(turn["role"]), "content": turn.get("content") or ""}
     if isinstance(turn, dict) and turn.get("from") is not None:
-        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
-        if role is None:
-            raise UserError(f"row {index}: unknown ShareGPT speaker {turn['from']!r} in column {column!r}; "
-                            f"expected one of {sorted(SHAREGPT_ROLES)}. Fix or drop that row.")
-        return {"role": role, "content": turn.get("value") or ""}
+        return {"role": rowcheck.role_of(turn["from"]), "content": turn.get("value") or ""}
     raise UserError(f"row {index}: a turn in column {column!r} is {turn!r}; each turn needs role/content "
                     'keys ({"role": "user", "content": "..."}) or ShareGPT from/value keys '
                     '({"from": "human", "value": "..."}).')
@@ -161,8 +163,9 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
         raise UserError(f"the data set has no column {missing} for the {fmt} format. Columns found: "
                         f"{ds.column_names}. Map yours with --columns, e.g. --columns 'output=answer'.")
     if fmt == "alpaca" and template.kind != "instruction":
-        raise UserError(f"--prompt {template.name} is a chat template; Alpaca-style data needs an instruction "
-                        "template such as alpaca_ko or alpaca.")
+        what = "is a chat template" if template.kind == "chat" else "has no template"
+        raise UserError(f"--prompt {template.name} {what}; Alpaca-style data needs an instruction template such as "
+                        "alpaca_ko or alpaca (--prompt auto picks it).")
     if fmt == "chat" and template.kind != "chat":
         raise UserError(f"--prompt {template.name} is an instruction template; chat data needs a chat template "
                         "such as llama-3.1-chat or chatml.")
@@ -176,13 +179,16 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
     rows_in = len(ds)
     if max_samples and max_samples > 0:
         ds = ds.select(range(min(max_samples, len(ds))))
+    fields = {"alpaca": sorted(template.fields | {"instruction", "output"}), "text": ["text"],
+              "chat": ["messages", "conversations"]}[fmt]
+    rowcheck.check_text_fields(ds, fields, fmt, parse_columns(columns))  # every row used: text, or refused
 
     if fmt == "alpaca":
         ds = ds.filter(lambda r: bool(str(r["output"] or "").strip()) and bool(str(r["instruction"] or "").strip()))
+        # --train_on_inputs keeps this layout too: TRL with completion_only_loss=False trains on every token of it
+        # (the same ids and labels as prompt + completion as one text), and the length policy can see the prompt.
         ds = ds.map(lambda r: {"prompt": render(template, r), "completion": str(r["output"])},
                     remove_columns=ds.column_names)
-        if train_on_inputs:  # the reference notebook's way: one text, loss on every token
-            ds = ds.map(lambda r: {"text": r["prompt"] + r["completion"]}, remove_columns=["prompt", "completion"])
     elif fmt == "chat":
         ds = ds.map(lambda r, i: {"messages": to_messages(r, i)}, with_indices=True, remove_columns=ds.column_names)
         ds = ds.filter(lambda r: any(m["role"] == "assistant" and str(m["content"]).strip() for m in r["messages"]))
@@ -255,22 +261,3 @@ def finalize(ds, eos_token: str, val_size, seed: int):
         return ds, None
     parts = ds.train_test_split(test_size=n, seed=seed)
     return parts["train"], parts["test"]
-
-
-def longest_tokens(ds, tokenizer, cap: int) -> int:
-    """Tokens in the longest prepared row, at most `cap` (SFTTrainer truncates to max_length): fast mode sizes
-    its micro-batch for the rows the run really has, not for the worst case max_seq_length allows."""
-    cols = set(ds.column_names)
-    if "messages" in cols:
-        texts = [tokenizer.apply_chat_template(m, tokenize=False) for m in ds["messages"]]
-    elif "prompt" in cols:
-        texts = [p + c for p, c in zip(ds["prompt"], ds["completion"])]
-    else:
-        texts = ds["text"]
-    longest = 0
-    for i in range(0, len(texts), 1024):  # stop early once a row reaches the cap
-        ids = tokenizer(texts[i:i + 1024], truncation=True, max_length=cap)["input_ids"]
-        longest = max([longest, *map(len, ids)])
-        if longest >= cap:
-            return cap
-    return longest

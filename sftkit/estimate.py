@@ -163,9 +163,17 @@ def check_targets(target_modules) -> list:
     return mods
 
 
+def train_embeddings_gib(cfg: dict, optim: str = "adamw_8bit", fp16: bool = True) -> float:
+    """--train_embeddings: a trainable copy of embed_tokens and lm_head beside the frozen originals; weight and
+    gradient in fp32 under fp16 (a T4: the scaler unscales only fp32 gradients), 16-bit under bf16, plus the
+    optimizer's states. 8B: 1.05 billion parameters, 9.8 GiB in fp16 with 8-bit AdamW."""
+    params = cfg["vocab_size"] * cfg["hidden_size"] * (1 if cfg.get("tie_word_embeddings") else 2)
+    return params * ((8 if fp16 else 2 * HALF_BYTES) + OPTIMIZER_STATE_BYTES[optim]) / GIB
+
+
 def estimate(cfg: dict, max_seq_length: int = 2048, per_device_train_batch_size: int = 2, r: int = 16,
              target_modules=MODULES, gradient_checkpointing: bool = True, optim: str = "adamw_8bit",
-             gpu="t4") -> dict:
+             gpu="t4", train_embeddings: bool = False) -> dict:
     """Peak memory of QLoRA training, by component (GiB), the total, the GPU's GiB, whether it fits, headroom."""
     mods = check_targets(target_modules)
     if optim not in OPTIMIZER_STATE_BYTES:
@@ -182,6 +190,8 @@ def estimate(cfg: dict, max_seq_length: int = 2048, per_device_train_batch_size:
         "logits_gib": logits_gib(cfg, seq, batch),
         "runtime_overhead_gib": RUNTIME_OVERHEAD_GIB,
     }
+    if train_embeddings:  # counted as an fp16 run (a T4's): the larger of the two
+        parts["train_embeddings_gib"] = train_embeddings_gib(cfg, optim)
     total = sum(parts.values())
     capacity = gpu_capacity(gpu)
     return {**parts, "total_gib": total, "gpu_gib": capacity, "fits": total <= capacity,

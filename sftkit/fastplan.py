@@ -26,7 +26,8 @@ GPU_BOUND_TOKENS = 8192
 
 
 def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, target_modules, optim: str,
-         gradient_checkpointing: bool, choice, capacity: float = 0.0, packed: bool = False, world: int = 1) -> dict:
+         gradient_checkpointing: bool, choice, capacity: float = 0.0, packed: bool = False, world: int = 1,
+         train_embeddings: bool = False) -> dict:
     """Returns {"per_device_train_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "reason",
     "estimate_gib"}. `seq_len` is the longest row the run can see (the data's longest, capped by max_seq_length);
     `capacity` is the GiB this process can use (0: free GPU memory plus what it holds already, or the card's
@@ -40,7 +41,7 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     divisors = [d for d in range(effective, 0, -1) if effective % d == 0]
     keep = {"per_device_train_batch_size": per_device, "gradient_accumulation_steps": accum,
             "gradient_checkpointing": gradient_checkpointing}
-    if not choice.device.startswith("cuda"):
+    if not choice.cuda:
         return {**keep, "per_device_train_batch_size": effective, "gradient_accumulation_steps": 1,
                 "reason": "CPU: no GPU memory to budget, whole effective batch in one micro-batch"}
     if not capacity:
@@ -63,11 +64,11 @@ def plan(model_name: str, per_device: int, accum: int, seq_len: int, r: int, tar
     mods = [m for m in target_modules if m in estimate.MODULES] or list(estimate.MODULES)
     opt = optim if optim in estimate.OPTIMIZER_STATE_BYTES else "adamw_8bit"
     # The estimate was measured on Unsloth's offloaded checkpointing; only there may fast mode drop it.
-    unsloth = choice.backend == "unsloth"
+    unsloth = choice.unsloth
     fits = {}  # checkpointing on/off -> (largest micro-batch that fits, its estimate)
     for ckpt in ([False, True] if gradient_checkpointing and unsloth else [gradient_checkpointing]):
         for micro in divisors:
-            est = estimate.estimate(cfg, seq_len, micro, r, mods, ckpt, opt, capacity)
+            est = estimate.estimate(cfg, seq_len, micro, r, mods, ckpt, opt, capacity, train_embeddings)
             need = est["total_gib"] * (PACKED_RESERVE if packed else 1.0)
             if not unsloth:  # the estimate is Unsloth's: the plain path also upcasts and keeps layer inputs
                 need += estimate.hf_extra_gib(estimate.normalise(cfg), seq_len, micro)

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from pathlib import Path
 
-from . import prompts
+from . import prompts, stopping
 from .backend import choose, for_inference, load_adapter, load_model
 from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
@@ -24,21 +24,14 @@ MERGED_CANNOT_COMPARE = ("--compare_base switches the adapter off and on, which 
 
 class Generator:
     def __init__(self, model, tokenizer, template, choice, gen: dict, adapter: str = "", merged: bool = False,
-                 window: int = 2048, source: str = ""):
+                 window: int = 2048, source: str = "", system: str = ""):
         self.model, self.tok, self.template, self.choice, self.adapter = model, tokenizer, template, choice, adapter
-        self.merged, self.window = merged, window
-        self.settings = batch_settings(adapter or source, template.name, merged, gen)
-        self.gen = dict(gen)
-        stop_ids = [tokenizer.eos_token_id]
-        if template.kind == "chat":
-            ids = tokenizer.convert_tokens_to_ids(template.stop) if template.stop in tokenizer.get_vocab() else None
-            if ids is not None:
-                stop_ids.append(ids)
-            else:  # the stop text is several tokens in this vocabulary: let generate match the string
-                self.gen.update(stop_strings=[template.stop], tokenizer=tokenizer)
-        self.gen["eos_token_id"] = stop_ids
-        self.gen["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-        self.stop_ids = set(stop_ids)
+        self.merged, self.window, self.system = merged, window, system
+        self.settings = batch_settings(adapter or source, template.name, merged, gen, system)
+        # Every id that ends an answer: the generation config's EOS list (an Instruct model's 128001, 128008,
+        # 128009), the tokenizer's EOS and the template's end of turn; generate stops a row at any of them.
+        self.gen = {**gen, **stopping.generate_kwargs(tokenizer, template, getattr(model, "generation_config", None))}
+        self.stop_ids = self.gen["eos_token_id"]
         self.compiled = "compile_config" in self.gen  # --cuda_graphs: each new batch size compiles the step again
 
     @property
@@ -50,13 +43,7 @@ class Generator:
         line, whose other keys fill a template's further fields (e.g. {context})."""
         if not str(instruction).strip():
             raise UserError("empty prompt: pass --instruction 'your question' (and optionally --input).")
-        if self.template.kind == "chat":
-            turn = instruction + (f"\n\n{input}" if input else "")
-            messages = list(history or []) + [{"role": "user", "content": turn}]
-            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"]
-        fields = {**(row or {}), "instruction": instruction, "input": input}
-        return self.tok(prompts.render(self.template, fields))["input_ids"]
+        return prompts.prompt_ids(self.tok, self.template, instruction, input, history, self.system, row)
 
     def _generate(self, batch_ids: list, streamer=None, base: bool = False):
         import torch
@@ -74,14 +61,8 @@ class Generator:
         new = out[:, enc["input_ids"].shape[1]:]
         results = []
         for row in new.tolist():
-            # Cut at the first stop token; what follows is padding for rows that finished early.
-            end = next((i for i, t in enumerate(row) if t in self.stop_ids), None)
-            stopped = "eos" if end is not None else "length"
-            row = row[:end] if end is not None else row
-            text = self.tok.decode(row, skip_special_tokens=True)
-            if "stop_strings" in self.gen and self.template.stop in text:
-                text, stopped = text.split(self.template.stop, 1)[0], "eos"
-            results.append({"answer": text.strip(), "stopped": stopped, "tokens": len(row)})
+            text, stopped, tokens = stopping.finish(self.tok, self.template, row, self.stop_ids)
+            results.append({"answer": text, "stopped": "eos" if stopped else "length", "tokens": tokens})
         return results
 
     def check_lengths(self, numbered_ids):
@@ -109,6 +90,10 @@ class Generator:
 
     def row_ids(self, row: dict) -> list:
         """prompt_ids of a batch file's line: its instruction, input and any further template fields."""
+        if row.get("system"):  # a batch line's own system prompt wins over --system
+            prompts.check_system(self.template, row["system"])
+            return prompts.prompt_ids(self.tok, self.template, row.get("instruction", ""), row.get("input", ""),
+                                      system=row["system"], row=row)
         return self.prompt_ids(row.get("instruction", ""), row.get("input", ""), row=row)
 
     def answer_batch(self, rows: list, base: bool = False) -> list:
@@ -117,7 +102,8 @@ class Generator:
 
 def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", backend: str = "auto",
                    dtype: str = "auto", load_in_4bit: bool = True, max_seq_length: int = 0,
-                   merge_adapter: bool = False, cuda_graphs: bool = False, rows=None, **gen) -> Generator:
+                   merge_adapter: bool = False, cuda_graphs: bool = False, rows=None, system: str = "",
+                   **gen) -> Generator:
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
     named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers). `rows`:
     a batch file's prompts, checked against the template's fields before the load."""
@@ -128,6 +114,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
         template = prompts.from_text(record.template, record.template_text, record.template_kind == "chat",
                                      source=str(Path(adapter) / "run.json"))
         load_in_4bit = settings["load_in_4bit"]
+    elif model_name and prompt == prompts.OWN:
+        template = None  # the model's own chat template: known once its tokenizer has loaded
     elif model_name:
         template = prompts.load(prompt or "alpaca_ko")
     else:
@@ -135,12 +123,17 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
-    check_fields(template, rows)
+    if template is not None:  # before the (slow) model load
+        check_fields(template, rows)
+        prompts.check_system(template, system)
     because = ""
     if cuda_graphs:  # before the (slow) model load
         backend, because = graphs_backend(backend, load_in_4bit)
     choice = choose(backend, dtype, hf_because=because)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
+    if template is None:
+        template, _ = prompts.choose(prompts.OWN, "chat", tokenizer, answers_only=False)
+        prompts.check_system(template, system)
     prompts.attach(tokenizer, template)
     if adapter:
         model = load_adapter(model, adapter)
@@ -166,7 +159,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
     elif cuda_graphs:
         log.info("--cuda_graphs: no CUDA GPU, so decoding runs eagerly as without it")
     return Generator(model, tokenizer, template, choice, gen, adapter, merged=merge_adapter,
-                     window=max_seq_length or 2048, source=model_name)
+                     window=max_seq_length or 2048, source=model_name, system=system)
 
 
 def check_fields(template, rows=None):

@@ -137,8 +137,8 @@ def choose(prompt: str, data_format: str, tokenizer=None, answers_only: bool = T
     """(template, reason) for `--prompt` and the detected data format ("alpaca", "chat" or "text"). `auto`: Alpaca
     data keep alpaca_ko; chat data get the model's own chat template where its tokenizer has one (an Instruct
     model), else the built-in llama-3.1-chat (chatml for a ChatML vocabulary); raw text gets none. `own`: the
-    model's own template whatever the data. Another name loads that template, as before. answers_only: the loss
-    is on assistant turns only (no --train_on_inputs), which needs a template whose assistant turns are tagged."""
+    model's own template. Another name loads that template. answers_only (no --train_on_inputs): chat templates
+    must mark assistant turns."""
     if data_format not in ("alpaca", "chat", "text"):
         raise ValueError(f"choose() needs the detected data format, not {data_format!r}")
     model = Path(str(getattr(tokenizer, "name_or_path", "") or "the model")).name
@@ -214,10 +214,9 @@ def from_tokenizer(tokenizer, name: str = OWN) -> Template:
 
 
 def pin_date(text: str) -> str:
-    if "strftime_now" not in text:
-        return text
-    today = datetime.date.today().strftime("%d %b %Y")
-    return f'{{%- if date_string is not defined %}}{{%- set date_string = "{today}" %}}{{%- endif %}}\n{text}'
+    today = datetime.date.today().strftime("%d %b %Y")  # Llama 3.2's template reads the clock for its system block
+    pin = f'{{%- if date_string is not defined %}}{{%- set date_string = "{today}" %}}{{%- endif %}}\n'
+    return pin + text if "strftime_now" in text else text
 
 
 def tag_candidates(tokenizer, text: str):
@@ -309,11 +308,16 @@ def prompt_ids(tokenizer, template: Template, instruction: str, input: str = "",
                row=None) -> list:
     """Token ids of one prompt, tokenized as TRL tokenized the training rows (the template must be attached to the
     tokenizer). row: a batch file's line, whose other keys fill an instruction template's further fields."""
+    check_system(template, system)
     if template.kind == "chat":
         return list(tokenizer.apply_chat_template(messages(instruction, input, history, system), tokenize=True,
                                                   add_generation_prompt=True, return_dict=True)["input_ids"])
-    if system:
+    return list(tokenizer(render(template, {**(row or {}), "instruction": instruction, "input": input}))["input_ids"])
+
+
+def check_system(template: Template, system: str):
+    """--system needs a chat template: checked before the model loads."""
+    if system and template.kind != "chat":
         raise UserError(f"--system needs a chat template; this run's template {template.name!r} is "
                         f"{'raw text' if template.kind == 'text' else 'an instruction template'}: put the "
                         "instruction in --instruction (and --input) instead.")
-    return list(tokenizer(render(template, {**(row or {}), "instruction": instruction, "input": input}))["input_ids"])

@@ -8,14 +8,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checks, data, fastplan, memory, prompts
+from . import checks, data, fastplan, memory, prompts, samples, special_tokens
 from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names
 from .errors import UserError
 from .metricslog import metrics_callback
-from .runfolder import RunFolder, RunRecord, default_name
+from .runfolder import RECORD, RunFolder, RunRecord, default_name
 
 log = logging.getLogger("sftkit")
+SAMPLE_TOKENS = 64  # per sample answer: enough to see whether it stops, cheap at every save step
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "unsloth",
              "unsloth_zoo", "fire")
 
@@ -31,9 +32,17 @@ def check_args(args: dict) -> dict:
     args = dict(args)
     args["output_dir"] = args["output_dir"] or default_name(args["model_name"], args["dataset"])
     args["target_modules"] = names(args["target_modules"])  # text from the command line, or a list
+    embeddings = [m for m in args["target_modules"] if m in ("embed_tokens", "lm_head")]
+    if embeddings:  # what Unsloth's notebooks write for training the embeddings: here a flag of its own
+        args["target_modules"] = [m for m in args["target_modules"] if m not in embeddings]
+        args["train_embeddings"] = True
+        log.info("--target_modules %s: trained in full with --train_embeddings (LoRA on the others)",
+                 ",".join(embeddings))
     if not args["target_modules"]:
         raise UserError("--target_modules names no layer: pass a comma-separated list, e.g. q_proj,v_proj.")
     checks.numbers(args)
+    if args["sample_prompts"] not in ("", "none"):
+        samples.read_prompts_file(args["sample_prompts"])  # a missing or bad file fails now, not at the first save
     return args
 
 
@@ -46,13 +55,36 @@ def claim_folder(output_dir: str, overwrite: bool, resume: bool, max_steps: int,
     return None, (ckpts[-1] if ckpts else None)
 
 
-def read_data(a: dict, template):
-    """Rows read, validated and rendered once (before the model loads); the eval split is checked now too."""
+def read_data(a: dict, resuming: bool):
+    """(template, rows, info): the template chosen for the data (--prompt auto), rows read, validated and rendered
+    once, before the model loads; the eval split is checked now too."""
     raw = data.load_dataset_any(a["dataset"], a["dataset_split"])
+    template, reason = pick_template(a, data.format_of(raw, a["data_format"], a["columns"]), resuming)
     rows, info = data.read_rows(raw, template, a["data_format"], a["columns"], a["max_samples"],
                                 a["train_on_inputs"])
+    info["template_reason"] = reason
     data.eval_count(len(rows), a["val_size"])  # a --val_size too large for the data fails now
-    return rows, info
+    return template, rows, info
+
+
+def pick_template(a: dict, fmt: str, resuming: bool):
+    """(template, reason). A resumed run keeps the template it recorded (a model's own template may carry a pinned
+    date, and the tokenizer may have changed since); otherwise prompts.choose() decides, reading the model's
+    tokenizer (no weights) only where the choice depends on it."""
+    if resuming:
+        rec = RunFolder(a["output_dir"]).read()
+        return (prompts.from_text(rec.template, rec.template_text, rec.template_kind, source=str(RECORD)),
+                f"the template the resumed run recorded ({rec.template})")
+    tokenizer = None
+    if a["prompt"] in (prompts.AUTO, prompts.OWN) and (fmt == "chat" or a["prompt"] == prompts.OWN):
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(a["model_name"], token=os.environ.get("HF_TOKEN") or None)
+        except OSError as err:
+            raise UserError(f"could not read the tokenizer of {a['model_name']!r} to choose a chat template ({err}). "
+                            "Check --model_name, or name a template: --prompt llama-3.1-chat.") from err
+    return prompts.choose(a["prompt"], fmt, tokenizer, answers_only=not a["train_on_inputs"])
 
 
 def check_same_data(folder, ckpt, info: dict):
@@ -97,7 +129,8 @@ def plan_batches(a: dict, choice, longest: int, world_size: int, planner=fastpla
     if not a["fast"]:
         return asked
     fast = planner(a["model_name"], asked.per_device, asked.accum, longest, a["r"], a["target_modules"], a["optim"],
-                   asked.checkpointing, choice, packed=a["packing"], world=world_size)
+                   asked.checkpointing, choice, packed=a["packing"], world=world_size,
+                   train_embeddings=a["train_embeddings"])
     fast.update(requested=[asked.per_device, asked.accum], longest_row=longest)
     log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d)%s: %s", fast["per_device_train_batch_size"],
              fast["gradient_accumulation_steps"], asked.per_device, asked.accum,
@@ -107,12 +140,12 @@ def plan_batches(a: dict, choice, longest: int, world_size: int, planner=fastpla
                 fast["gradient_checkpointing"], fast)
 
 
-def longest_row(a: dict, choice, rows, tokenizer) -> int:
+def longest_row(a: dict, choice, fitted: dict) -> int:
     """What fast mode sizes micro-batches for: packed sequences fill max_seq_length; unpacked rows are only as long
-    as the data's longest (a CPU plans no memory, so it needs no count)."""
+    as the data's longest, counted by lengths.fit_lengths (a CPU plans no memory, so it needs no count)."""
     if not a["fast"] or a["packing"] or not choice.cuda:
         return a["max_seq_length"]
-    return data.longest_tokens(rows, tokenizer, a["max_seq_length"])
+    return fitted["longest_tokens"]
 
 
 def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, chat: bool):
@@ -257,13 +290,44 @@ def end_ranks():
         dist.destroy_process_group()
 
 
-def attach_lora(model, a: dict, choice, plan: Plan):
+def special_token_rows(model, tokenizer, template, a: dict) -> tuple[dict, dict]:
+    """(extra LoRA arguments, what run.json records). Control tokens the template uses whose embedding or lm_head
+    rows were never trained (zero in the real Llama 3.1 base: <|start_header_id|>, <|eot_id|>, ...) are set to
+    the mean of the trained rows, as Unsloth's fix does, and the adapter trains and carries those rows (peft
+    trainable_token_indices: kilobytes), so a model that never saw <|eot_id|> learns to end its turns and infer.py
+    gets the rows back with the adapter. --train_embeddings trains both matrices in full instead."""
+    ids = special_tokens.template_token_ids(tokenizer, template)
+    bad = special_tokens.untrained(model, ids)
+    if bad or a["train_embeddings"]:
+        special_tokens.fix_untrained(model, ids, tokenizer)
+    extra = (special_tokens.lora_embedding_kwargs(model) if a["train_embeddings"]
+             else special_tokens.lora_token_kwargs(model, bad) if bad else {})
+    return extra, {"untrained": tokenizer.convert_ids_to_tokens(bad), "train_embeddings": a["train_embeddings"]}
+
+
+def attach_lora(model, a: dict, choice, plan: Plan, extra: dict):
     return add_lora(model, choice, a["r"], a["lora_alpha"], a["lora_dropout"], a["target_modules"],
-                    plan.checkpointing, a["seed"], a["load_in_4bit"])
+                    plan.checkpointing, a["seed"], a["load_in_4bit"], extra)
+
+
+def sample_callback(a: dict, choice, template, tokenizer):
+    """Answers a few prompts greedily at each save / eval step into samples.jsonl (None with --sample_prompts none),
+    so a user sees early whether answers follow the template and stop."""
+    if a["sample_prompts"] == "none":
+        return None
+    modes = None
+    if choice.unsloth:
+        from unsloth import FastLanguageModel
+
+        modes = (FastLanguageModel.for_inference, FastLanguageModel.for_training)
+    chosen = samples.read_prompts_file(a["sample_prompts"]) if a["sample_prompts"] else []
+    return samples.SampleCallback(chosen, template, tokenizer, max_new_tokens=SAMPLE_TOKENS,
+                                  path=Path(a["output_dir"]) / samples.FILE, modes=modes)
 
 
 def log_data(info: dict, train_rows, eval_rows, template, plan: Plan, world_size: int):
-    log.info("data: %s format, %d rows used (%d dropped), %d eval rows; template %s; world size %d, effective "
-             "batch %d (%d per device x %d accumulation x %d)", info["format"], len(train_rows), info["rows_dropped"],
-             len(eval_rows) if eval_rows is not None else 0, template.name, world_size,
-             plan.per_device * plan.accum * world_size, plan.per_device, plan.accum, world_size)
+    log.info("data: %s format, %d rows used (%d dropped empty, %d too long), %d eval rows; template %s (%s); world "
+             "size %d, effective batch %d (%d per device x %d accumulation x %d)", info["format"], len(train_rows),
+             info["rows_dropped"], info.get("rows_dropped_too_long", 0),
+             len(eval_rows) if eval_rows is not None else 0, template.name, info.get("template_reason", ""),
+             world_size, plan.per_device * plan.accum * world_size, plan.per_device, plan.accum, world_size)

@@ -79,3 +79,40 @@ def prepared(ds, template, eos_token, **kw):
 
     rows, info = data.read_rows(ds, template, **kw)
     return data.add_eos(rows, eos_token), info
+
+
+def _fixture_dir():
+    """The real Llama 3.1 tokenizer (../shared/fixtures/llama-3.1-tokenizer; on the GPU machine a copy carried in
+    .gpu/fixture, or LLAMA31_TOKENIZER). It stays out of the repo (license)."""
+    for p in (os.environ.get("LLAMA31_TOKENIZER"), ROOT.parent / "shared" / "fixtures" / "llama-3.1-tokenizer",
+              ROOT / ".gpu" / "fixture"):
+        if p and (Path(p) / "tokenizer.json").is_file():
+            return Path(p)
+    return None
+
+
+FIXTURE = _fixture_dir()
+needs_fixture = pytest.mark.skipif(FIXTURE is None, reason="the real Llama 3.1 tokenizer fixture "
+                                   "(../shared/fixtures/llama-3.1-tokenizer) is absent; it is kept out of the repo")
+FLAVOURS = ("base-meta", "base-unsloth", "instruct-meta")
+
+
+def real_tokenizer_model(flavour: str, out: Path) -> str:
+    """A tiny random Llama (2 layers, hidden 64) on the real tokenizer, laid out as the Hub repo of `flavour` has
+    it: config, generation config, tokenizer files as published, weights only (no transformers-5 rewrite)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in (FIXTURE / flavour).iterdir():
+        shutil.copy(f, out / f.name)
+    shutil.copy(FIXTURE / "tokenizer.json", out / "tokenizer.json")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(out)).to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(out)

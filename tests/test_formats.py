@@ -46,9 +46,12 @@ def test_train_on_inputs_puts_loss_on_every_token():
     tok = AutoTokenizer.from_pretrained(TINY)
     ds = Dataset.from_list([{"instruction": "안녕", "input": "", "output": "반가워요."}])
     rows, _ = prepared(ds, prompts.load("alpaca_ko"), tok.eos_token, train_on_inputs=True)
-    assert rows.column_names == ["text"] and rows[0]["text"].endswith(tok.eos_token)
+    # The layout stays prompt/completion (so the length policy sees where the answer starts); without
+    # completion_only_loss TRL trains on all of it, EOS included.
+    assert rows.column_names == ["prompt", "completion"] and rows[0]["completion"].endswith(tok.eos_token)
     ids, labels = labels_for(rows, tok, completion_only_loss=False)
-    assert labels == ids
+    assert labels == ids and ids[-1] == tok.eos_token_id
+    assert ids == tok(rows[0]["prompt"] + rows[0]["completion"])["input_ids"]
 
 
 def test_chat_loss_covers_only_assistant_turns():
@@ -118,5 +121,5 @@ def test_sharegpt_turns_in_a_messages_column_are_converted_too(tmp_path):
                                    {"role": "assistant", "content": "yo"}]
     assert rows[1]["messages"] == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     odd = Dataset.from_list([{"messages": [{"speaker": "u", "text": "hi"}]}])
-    with pytest.raises(UserError, match="row 0: a turn in column 'messages'.*role/content.*from/value"):
+    with pytest.raises(UserError, match="row 1: turn 1 has neither a role nor a from key"):
         prepared(odd, prompts.load("chatml"), "</s>")

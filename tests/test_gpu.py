@@ -311,3 +311,46 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
             assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr
     print(answers)
     assert len(answers["graphs"]) == 5 and answers["graphs"] == answers["eager"]
+
+
+REAL_ROWS = {
+    "alpaca": [{"instruction": f"질문 {i}: 비밀번호는 어떻게 만들까요?", "input": "", "output": f"길고 무작위인 문장 {i}"}
+               for i in range(16)],
+    "chat": [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답변 {i}"}]}
+             for i in range(16)],
+}
+
+
+@pytest.mark.parametrize("flavour, backend, kind, template", [
+    ("base-unsloth", "unsloth", "alpaca", "alpaca_ko"),  # the default: Unsloth's base id, Korean Alpaca
+    ("base-meta", "unsloth", "chat", "llama-3.1-chat"),  # chat data on a base model: the built-in template
+    ("instruct-meta", "unsloth", "chat", "own"),  # chat data on an Instruct model: its own template
+    ("instruct-meta", "hf", "alpaca", "alpaca_ko"),  # the plain path a T4 takes when Unsloth fails to import
+])
+def test_real_tokenizer_model_trains_and_answers(tmp_path, flavour, backend, kind, template):
+    """A tiny model on the real Llama 3.1 tokenizer, in the layouts users load, trained with --prompt auto and
+    answered by infer.py's generator: the recorded template, EOS and pad, a finite loss, an answer that ends."""
+    import math
+
+    from conftest import FIXTURE, real_tokenizer_model
+    from sftkit.generate import open_generator
+    from train_unsloth import train
+
+    if FIXTURE is None:
+        pytest.skip("the real Llama 3.1 tokenizer fixture is absent (kept out of the repo)")
+    model = real_tokenizer_model(flavour, tmp_path / "model")
+    data = write_jsonl(tmp_path / "d.jsonl", REAL_ROWS[kind])
+    out = train(**quick_args(tmp_path, model_name=model, dataset=data, backend=backend, max_steps=6,
+                             max_seq_length=256, save_steps=0))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["backend"]["backend"] == backend and rec["status"] == "finished"
+    assert rec["template"] == template, rec["data"].get("template_reason")
+    eos = "<|eot_id|>" if flavour == "instruct-meta" else "<|end_of_text|>"
+    assert rec["tokens"]["eos"]["token"] == eos and rec["tokens"]["pad"]["id"] == 128004
+    assert all(math.isfinite(m["loss"]) for m in metrics(out))
+    g = open_generator(out, max_new_tokens=8)
+    answer = g.answer("비밀번호는 어떻게 만들까요?")
+    print(flavour, backend, kind, answer)
+    assert answer["stopped"] in ("eos", "length") and answer["tokens"] <= 8
+    if flavour == "instruct-meta":
+        assert {128001, 128008, 128009} <= set(g.stop_ids)  # every stop id of the generation config

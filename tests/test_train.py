@@ -329,17 +329,3 @@ def test_fast_plan_respects_a_per_process_memory_cap(monkeypatch):
     assert whole["gradient_checkpointing"] is False  # 47 GiB without checkpointing fits 85% of 79 GiB...
     assert capped["gradient_checkpointing"] is True and capped["estimate_gib"] <= 0.85 * 15  # ...not of 15
     assert "15.0 GiB" in capped["reason"]
-
-
-def test_longest_tokens_measures_the_prepared_rows():
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    from sftkit import data, prompts
-
-    tok = AutoTokenizer.from_pretrained(TINY)
-    raw = Dataset.from_list([json.loads(x) for x in Path(SAMPLE).read_text().splitlines()][:50])
-    rows, _ = prepared(raw, prompts.load("alpaca_ko"), tok.eos_token)
-    lengths = [len(tok(p + c)["input_ids"]) for p, c in zip(rows["prompt"], rows["completion"])]
-    assert data.longest_tokens(rows, tok, 10_000) == max(lengths)
-    assert data.longest_tokens(rows, tok, 40) == 40  # capped at max_seq_length

@@ -27,16 +27,19 @@ def save_merged(model, tokenizer, run_dir: str, mode: str, choice, model_name: s
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
     token = os.environ.get("HF_TOKEN") or None
-    # Merge in the training dtype (fp32 on a CPU: exact), save in the base's own 16-bit dtype.
+    # Merge in the training dtype on the GPU, in fp32 on the CPU; save in the base's own 16-bit dtype.
     kwargs = {"dtype": choice.torch_dtype(), "token": token}
     if mode == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                            bnb_4bit_compute_dtype=choice.torch_dtype())
+    device = "CPU"
     if choice.cuda:
         free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
         device, why = merge_device(mode, sixteen_bit_gib(model_name), free / estimate.GIB)
         log.info("merging on the %s: %s", device, why)
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "GPU" else "cpu"}
+    if device == "CPU" and mode == "16bit":
+        kwargs["dtype"] = torch.float32  # exact on a CPU (half precision there is slow); rounded once when saved
     base = AutoModelForCausalLM.from_pretrained(model_name, **kwargs)
     merged = PeftModel.from_pretrained(base, run_dir).merge_and_unload()
     if mode == "16bit":

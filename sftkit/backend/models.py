@@ -102,8 +102,9 @@ def _from_pretrained(model_name, max_seq_length, choice, load_in_4bit, token, no
 
 
 def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target_modules: list,
-             gradient_checkpointing: bool, seed: int, load_in_4bit: bool):
-    """Wraps the model with LoRA adapters; same settings on both paths."""
+             gradient_checkpointing: bool, seed: int, load_in_4bit: bool, extra: dict | None = None):
+    """Wraps the model with LoRA adapters; same settings on both paths. extra: further LoraConfig arguments
+    (trainable_token_indices or modules_to_save for the embeddings)."""
     import torch
 
     linear = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -117,7 +118,7 @@ def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=list(target_modules), lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             bias="none", use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
-            random_state=seed, use_rslora=False, loftq_config=None)
+            random_state=seed, use_rslora=False, loftq_config=None, **(extra or {}))
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if choice.cuda and load_in_4bit:
@@ -129,7 +130,7 @@ def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target
         model.enable_input_require_grads()
     torch.manual_seed(seed)  # LoRA's A matrices are drawn at random: same seed, same start
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                        target_modules=list(target_modules), task_type="CAUSAL_LM")
+                        target_modules=list(target_modules), task_type="CAUSAL_LM", **(extra or {}))
     return get_peft_model(model, config)
 
 

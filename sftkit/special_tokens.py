@@ -1,0 +1,147 @@
+"""Special tokens a template writes whose embedding rows the model never trained.
+
+Llama 3.1 base was never trained on its chat control tokens (<|start_header_id|>, <|end_header_id|>, <|eot_id|>):
+their input-embedding rows are zero, and their output (lm_head) rows are not zero but all one repeated vector
+(Unsloth's observation), so a zero test on the output side alone misses them. Frozen like that, LoRA on the
+projections cannot make the model emit <|eot_id|> reliably: it never learns to stop. The remedies: set the rows to
+the mean of the trained rows (as Unsloth's fix_untrained_tokens does), then train just those rows (peft
+trainable_token_indices: kilobytes, and the adapter carries them to inference), or train the whole matrices
+(--train_embeddings: peft modules_to_save, about a billion parameters on the 8B shape).
+"""
+
+import logging
+
+from .prompts import PROBES, Template
+
+log = logging.getLogger("sftkit")
+DEAD = 1e-3  # a row whose norm is below this share of a typical row's norm is untrained
+CHUNK = 8192  # rows per step: a whole 128k x 4096 matrix in float32 would be 2 GB
+
+
+def template_token_ids(tokenizer, template: Template) -> list[int]:
+    """The added (special) tokens this template makes the model read or write: for a chat template, those of a
+    rendered conversation (system turn, two exchanges, generation prompt) and its stop token; for an instruction or
+    text template, BOS and the EOS that ends every answer."""
+    added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
+    if template.kind == "chat":
+        ids = []
+        for msgs, gen in ((PROBES[1], False), (PROBES[1][:-1], True)):
+            ids += tokenizer.apply_chat_template(msgs, chat_template=template.text, tokenize=True, return_dict=True,
+                                                 add_generation_prompt=gen)["input_ids"]
+        ids.append(tokenizer.convert_tokens_to_ids(template.stop) if template.stop in tokenizer.get_vocab() else None)
+    else:
+        ids = [tokenizer.bos_token_id, tokenizer.eos_token_id]
+    return sorted({i for i in ids if i is not None and i in added})
+
+
+def matrices(model) -> list:
+    """The input embedding and, where it is not the same tensor (untied), the output embedding."""
+    weights = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight.data_ptr() != weights[0].data_ptr():
+        weights.append(out.weight)
+    return weights
+
+
+def norms(weight):
+    """Each row's norm, in float32 a chunk at a time (the whole matrix at once would be 2 GB on an 8B model)."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([weight[i:i + CHUNK].float().norm(dim=1).cpu() for i in range(0, weight.shape[0], CHUNK)])
+
+
+def dead(weight):
+    """A boolean per row: zero or near it, measured against the median row of this matrix."""
+    n = norms(weight)
+    return n <= DEAD * float(n[n > 0].median()) if bool((n > 0).any()) else n == n
+
+
+def untrained(model, ids, flags=None) -> list[int]:
+    """The ids (within the matrices) whose input or output embedding row is untrained."""
+    flags = flags or [dead(w) for w in matrices(model)]
+    size = min(len(f) for f in flags)
+    return sorted({i for i in ids if 0 <= i < size and any(bool(f[i]) for f in flags)})
+
+
+def trained_mean(weight, skip):
+    """The mean of the rows not flagged in skip (a boolean per row), summed in float32 a chunk at a time."""
+    import torch
+
+    total = torch.zeros(weight.shape[1], dtype=torch.float32, device=weight.device)
+    keep = ~skip
+    with torch.no_grad():
+        for start in range(0, weight.shape[0], CHUNK):
+            rows = keep[start:start + CHUNK].to(weight.device)
+            total += weight[start:start + CHUNK][rows].float().sum(dim=0)
+    return total / max(int(keep.sum()), 1)
+
+
+def fix_untrained(model, ids, tokenizer=None) -> list[int]:
+    """Sets the input and output rows of every untrained id to the mean of that matrix's trained rows (what Unsloth's
+    fix does, without its scaling by how often the data uses each token), so the model can read and emit them.
+    Rows untrained in the input embedding (reserved tokens too) are left out of both means, since their output rows
+    are untrained copies that are not zero. Other rows are left as they are. Returns the ids set; logs one line."""
+    import torch
+
+    weights = matrices(model)
+    flags = [dead(w) for w in weights]
+    bad = untrained(model, ids, flags)
+    if not bad:
+        return []
+    with torch.no_grad():
+        for weight, skip in zip(weights, flags):
+            size = min(len(skip), len(flags[0]))
+            skip[:size] |= flags[0][:size]
+            weight[torch.tensor(bad, device=weight.device)] = trained_mean(weight, skip).to(weight.dtype)
+    names = tokenizer.convert_ids_to_tokens(bad) if tokenizer is not None else bad
+    log.info("special tokens %s had untrained embedding rows (as in a base model): set to the mean of the trained "
+             "rows, as Unsloth does; --train_embeddings trains them instead", ", ".join(map(str, names)))
+    return bad
+
+
+# --- --train_embeddings ----------------------------------------------------------------------------------------
+
+def embedding_params(cfg) -> int:
+    """Parameters of embed_tokens and lm_head (one matrix when they are tied), from a config object or dict."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    text = get("text_config")  # multimodal configs nest the language model's
+    if text:
+        return embedding_params(text)
+    return int(get("vocab_size")) * int(get("hidden_size")) * (1 if get("tie_word_embeddings", False) else 2)
+
+
+def embedding_names(model) -> list[str]:
+    """The module names (last part, as peft matches them) of the input and, untied, the output embedding."""
+    tied = len(matrices(model)) == 1
+    wanted = [model.get_input_embeddings()] + ([] if tied else [model.get_output_embeddings()])
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if any(module is w for w in wanted)})
+
+
+def lora_embedding_kwargs(model) -> dict:
+    """LoraConfig arguments that train the input and output embeddings as full copies (peft modules_to_save); the
+    saved adapter then holds both matrices, and loading it restores them. Tied embeddings: the input one alone,
+    and peft ties lm_head to its trained copy."""
+    tied = len(matrices(model)) == 1
+    return {"modules_to_save": embedding_names(model), **({"ensure_weight_tying": True} if tied else {})}
+
+
+def lora_token_kwargs(model, ids) -> dict:
+    """LoraConfig arguments that train only these tokens' rows of both embeddings (peft trainable_token_indices):
+    len(ids) x hidden x 2 parameters instead of the whole matrices (1.05 billion on the 8B shape), and an adapter
+    of kilobytes that loads like any other. Tied embeddings: peft follows the tie."""
+    return {"trainable_token_indices": {name: sorted(set(ids)) for name in embedding_names(model)}}
+
+
+def upcast_trainable(model) -> int:
+    """fp16 training (a T4) scales gradients and cannot unscale fp16 ones; peft upcasts LoRA weights to float32 but
+    not modules_to_save copies, so this upcasts every trainable half-precision parameter. Returns how many."""
+    import torch
+
+    changed = 0
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+            changed += 1
+    return changed

@@ -1,0 +1,54 @@
+"""Generation stops at every id of the model's generation_config.eos_token_id, not only the tokenizer's EOS: an
+Instruct model ends turns with <|eot_id|> (128009), tool calls with <|eom_id|> (128008), text with
+<|end_of_text|> (128001). Each is tested with a model trained to emit it, in the one-prompt (streamed), batch
+and chat modes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fixture, real_tokenizer_model
+
+pytestmark = needs_fixture
+QUESTION = "비밀번호는 어떻게 만들까요?"
+
+
+def trained_to_stop_with(stop_id: int, out: Path) -> str:
+    """The Instruct layout's tiny model, trained (all weights, plain PyTorch) to answer QUESTION with "네" and then
+    `stop_id`, under its own chat template."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = real_tokenizer_model("instruct-meta", out)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                     tokenize=True, return_dict=True)["input_ids"]
+    answer = tok("네", add_special_tokens=False)["input_ids"] + [stop_id]
+    ids = torch.tensor([prompt + answer])
+    labels = torch.tensor([[-100] * len(prompt) + answer])
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05, loss.item()  # it learned the answer and its stop
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("stop_id", [128001, 128008, 128009])
+def test_generation_stops_at_every_stop_id_in_every_mode(tmp_path, stop_id, capsys):
+    from sftkit.generate import open_generator
+
+    g = open_generator(model_name=trained_to_stop_with(stop_id, tmp_path / "m"), prompt="own", max_new_tokens=20)
+    assert stop_id in g.stop_ids
+    streamed = g.answer(QUESTION, stream=True)
+    assert capsys.readouterr().out.strip() == "네"  # streamed, and nothing after the stop
+    batch = g.answer_batch([{"instruction": QUESTION}, {"instruction": QUESTION}])
+    chat = g.answer(QUESTION, history=[{"role": "user", "content": "안녕"}, {"role": "assistant", "content": "안녕하세요"}])
+    for result in (streamed, *batch):
+        assert result == {"answer": "네", "stopped": "eos", "tokens": 1}, result
+    assert chat["stopped"] == "eos" and chat["tokens"] < 20
