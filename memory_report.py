@@ -18,6 +18,7 @@ from sftkit import estimate as est
 from sftkit import memory, samples
 from sftkit.runfolder import RunFolder, RunRecord
 from sftkit.cli import run_cli
+from sftkit.doctor import doctor_cli
 from sftkit.errors import UserError
 
 METRICS = "metrics.jsonl"
@@ -251,7 +252,7 @@ def estimate(model_name: str = "unsloth/Meta-Llama-3.1-8B", max_seq_length: int 
 
 
 # run_cli drops what a command returns (Fire would print it again): each prints its own output.
-COMMANDS = {"now": now, "show": show, "plot": plot, "compare": compare, "estimate": estimate}
+COMMANDS = {"now": now, "show": show, "plot": plot, "compare": compare, "estimate": estimate, "doctor": doctor_cli}
 
 if __name__ == "__main__":
     if len(sys.argv) == 1:

@@ -4,48 +4,70 @@ Each export runs only after train_unsloth.py has saved the adapter and a finishe
 export never loses the training. The Hub token is read from HF_TOKEN and passed in memory only.
 """
 
+import json
 import logging
 import os
 from pathlib import Path
 
-from . import hubcard
+from . import gguf, hubcard, modelfile, portable, prompts
 from .backend import save_merged
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
 MERGED = ("", "16bit", "4bit")
+SAMPLE_QUESTION = "비밀번호를 안전하게 만드는 방법은?"  # the prompt llama.cpp must tokenize as transformers does
 
 
 def check_export_args(save_merged: str, save_gguf: str, push_to_hub: str, choice):
     """Fails before training, not after an hour of it."""
-    if save_gguf and not choice.unsloth:
-        raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run would use {choice.backend}. "
-                        "Export on a GPU machine, or use --save_merged 16bit and convert with llama.cpp's "
-                        "convert_hf_to_gguf.py.")
     if save_merged not in MERGED:
         raise UserError(f"--save_merged {save_merged!r} is not one of 16bit, 4bit.")
     if save_merged == "4bit" and not choice.cuda:
         raise UserError("--save_merged 4bit needs a CUDA GPU (bitsandbytes quantizes there). Use --save_merged "
                         "16bit on this machine.")
+    if gguf.parse_quants(save_gguf):
+        gguf.check_tools()  # llama.cpp installed and its converter at hand, or the install command now
     if push_to_hub and not os.environ.get("HF_TOKEN"):
         raise UserError("--push_to_hub needs a Hugging Face token with write access in the HF_TOKEN environment "
                         "variable (export HF_TOKEN=hf_...). It is read from there only, never saved.")
 
 
-def save_gguf(model, tokenizer, run_dir: str, quant: str, choice) -> str:
-    """Unsloth's GGUF export (it builds llama.cpp to convert). The adapter is already saved when this runs."""
-    if not choice.unsloth:
-        raise UserError(f"--save_gguf needs the Unsloth backend (a CUDA GPU); this run used {choice.backend}. "
-                        f"The adapter is saved in {run_dir}: export it on a GPU machine, or merge it with "
-                        "--save_merged 16bit and convert with llama.cpp's convert_hf_to_gguf.py.")
-    out = str(Path(run_dir) / "gguf")
+def source_config(model_name: str) -> dict | None:
+    """The base model's config.json as published (its RoPE keys are what other loaders read)."""
+    from transformers.utils import cached_file
+
     try:
-        model.save_pretrained_gguf(out, tokenizer, quantization_method=quant)
-    except Exception as err:  # llama.cpp missing, no network to fetch it, no compiler, unknown quant
-        raise UserError(f"GGUF export ({quant}) failed: {type(err).__name__}: {err}. The adapter is safe in "
-                        f"{run_dir}. Install llama.cpp (or give the machine network access) and retry on a GPU "
-                        "machine, or use --save_merged 16bit and convert with llama.cpp yourself.") from err
+        path = cached_file(model_name, "config.json", token=os.environ.get("HF_TOKEN") or None)
+    except OSError:
+        return None
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+
+
+def merge(model, tokenizer, run_dir: str, mode: str, choice, record) -> str:
+    """A merged model that transformers 4.x and 5.x and llama.cpp's converter all read alike."""
+    out = save_merged(model, tokenizer, run_dir, mode, choice, record.model_path)
+    portable.make_portable(out, source_config(record.model_path))
+    log.info("merged model (%s) saved to %s", mode, out)
     return out
+
+
+def save_gguf(merged_dir: str, run_dir: str, quants, template, tokenizer, max_seq_length: int) -> dict:
+    """llama.cpp's converter and quantizer on the merged 16-bit model (offline, either backend), a check that
+    llama.cpp tokenizes the run's prompt as transformers does, and an Ollama Modelfile from the run's template."""
+    paths = gguf.export_gguf(merged_dir, str(Path(run_dir) / "gguf"), quants)
+    text = (tokenizer.apply_chat_template(prompts.messages(SAMPLE_QUESTION), chat_template=template.text,
+                                          tokenize=False, add_generation_prompt=True) if template.kind == "chat"
+            else prompts.render(template, {"instruction": SAMPLE_QUESTION, "input": ""}))
+    checks = [gguf.verify_gguf(p, text, tokenizer, None) for p in paths]  # vocabulary only: seconds even for 8B
+    bad = [c for c in checks if not c["ok"]]
+    if bad:
+        raise UserError(f"{bad[0]['file']}: {bad[0]['reason']}. The adapter and the merged model are safe in "
+                        f"{run_dir}.")
+    asked = gguf.parse_quants(quants)
+    target = next((p for p, q in zip(paths, asked) if q not in gguf.CONVERTED), paths[0])
+    info = modelfile.write(target, template, tokenizer, run_dir=run_dir, num_ctx=max_seq_length)
+    log.info("GGUF ready. Ollama: %s ; then %s", info["create"], info["run"])
+    return {"files": paths, "modelfile": info["path"], "ollama": [info["create"], info["run"]]}
 
 
 def push(source: str, repo_id: str, folder, record, api=None) -> str:
@@ -67,16 +89,19 @@ def push(source: str, repo_id: str, folder, record, api=None) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
-def export(model, tokenizer, folder, record, choice, merged: str, gguf: str, hub_repo: str):
+def export(model, tokenizer, folder, record, choice, merged: str, quants: str, hub_repo: str):
     """Optional exports after training, each recorded in run.json (RunFolder.save); the adapter is already safe."""
     exports = record.exports
     out = str(folder.path)
+    portable.make_portable(out)  # the run folder's tokenizer files, for transformers 4.x too
     try:
         if merged:
-            exports["merged"] = save_merged(model, tokenizer, out, merged, choice, record.model_path)
-            log.info("merged model (%s) saved to %s", merged, exports["merged"])
-        if gguf:
-            exports["gguf"] = save_gguf(model, tokenizer, out, gguf, choice)
+            exports["merged"] = merge(model, tokenizer, out, merged, choice, record)
+        if gguf.parse_quants(quants):
+            sixteen = exports["merged"] if merged == "16bit" else merge(model, tokenizer, out, "16bit", choice,
+                                                                        record)
+            template = prompts.from_text(record.template, record.template_text, record.template_kind)
+            exports["gguf"] = save_gguf(sixteen, out, quants, template, tokenizer, record.args["max_seq_length"])
         if hub_repo:
             exports["hub"] = push(exports.get("merged", out), hub_repo, folder, record)
             log.info("uploaded to %s", exports["hub"])

@@ -48,12 +48,37 @@ def test_bad_export_flags_fail_before_training(tmp_path, monkeypatch):
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_gguf_without_unsloth_is_refused_before_training(tmp_path):
-    # GGUF export is Unsloth's; on a CPU that is known before training, so nothing is started. (On the GPU,
-    # a failing export comes after the adapter is saved: tests/test_gpu.py.)
-    with pytest.raises(UserError, match="--save_gguf needs the Unsloth backend"):
+def test_gguf_without_llama_cpp_is_refused_before_training_with_the_install_command(tmp_path, monkeypatch):
+    import sys
+
+    from sftkit import gguf
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    with pytest.raises(UserError, match="GGUF export needs llama-cpp-python.*" + gguf.INSTALL.replace("(", ".")):
         train(**quick_args(tmp_path, save_gguf="q4_k_m"))
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # known before anything was started
+    with pytest.raises(UserError, match="did you mean q4_k_m"):
+        train(**quick_args(tmp_path, save_gguf="q4_km"))
+
+
+def test_gguf_export_on_the_plain_path_offline(tmp_path):
+    """--save_gguf on the CPU path: a 16-bit merge that other loaders read (rope keys, 4.x tokenizer class), GGUF
+    files from llama.cpp's own converter and quantizer, a tokenization check in llama.cpp, an Ollama Modelfile."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -r requirements-gguf.txt "
+                        "with CMAKE_ARGS, see .ci/run)")
+    from sftkit import modelfile
+
+    out = train(**quick_args(tmp_path, max_steps=4, save_steps=0, save_gguf="f16,q8_0"))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    files = rec["exports"]["gguf"]["files"]
+    assert [Path(f).name for f in files] == ["model-f16.gguf", "model-q8_0.gguf"]
+    assert all(Path(f).stat().st_size > 100_000 for f in files)
+    merged = json.loads((Path(out) / "merged-16bit" / "config.json").read_text())
+    assert merged["rope_theta"] and merged["rope_scaling"]["rope_type"] == "llama3"  # what llama.cpp and 4.x read
+    card = modelfile.parse((Path(out) / "gguf" / "Modelfile").read_text(encoding="utf-8"))
+    assert card["from"] == "./model-q8_0.gguf" and "### 응답:\n{{ .Response }}" in card["template"]
+    assert rec["exports"]["gguf"]["ollama"][0].endswith("ollama create run -f Modelfile")
 
 
 class FakeApi:

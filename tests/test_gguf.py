@@ -1,0 +1,266 @@
+"""GGUF export checked by llama.cpp itself, and the Ollama Modelfile checked against infer.py's prompts.
+
+The end-to-end tests need llama-cpp-python and its converter (requirements-gguf.txt, then
+`python -m sftkit.gguf fetch`); they are skipped, saying so, without them. The rest run everywhere.
+"""
+
+import json
+import re
+import shutil
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from conftest import ROOT, SAMPLE, TINY, write_jsonl
+from sftkit import gguf, modelfile, prompts
+from sftkit.errors import UserError
+from sftkit.generate import Generator
+from sftkit.portable import make_portable
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "llama-3.1-tokenizer"
+needs_fixture = pytest.mark.skipif(not (FIXTURE / "tokenizer.json").is_file(),
+                                   reason=f"the real Llama 3.1 tokenizer fixture is not at {FIXTURE}")
+ANSWER = "안전한 방법만 알려 드릴게요."
+
+
+def llama_missing() -> str:
+    try:
+        gguf.converter_dir(fetch=False)
+    except UserError as err:
+        return str(err)
+    return ""
+
+
+needs_llama = pytest.mark.skipif(bool(llama_missing()), reason=llama_missing() or "ready")
+
+
+# --- Ollama's template language, the subset modelfile.py writes ---
+
+ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def go_execute(text: str, values: dict, cut_at_response: bool) -> str:
+    out, active, pos = [], [], 0
+    for m in ACTION.finditer(text):
+        if all(active):
+            out.append(text[pos:m.start()])
+        pos, action = m.end(), m.group(1).strip()
+        if action.startswith("if ."):
+            active.append(bool(values[action[4:]]))
+        elif action == "end":
+            active.pop()
+        elif action.startswith('"'):  # a string literal, how a literal "{{" is written
+            out.append(json.loads(action) if all(active) else "")
+        elif action.startswith("."):
+            if action == ".Response" and cut_at_response:
+                return "".join(out)  # Ollama drops the rest for the exchange being answered
+            out.append(values[action[1:]] if all(active) else "")
+        else:
+            raise ValueError(f"not in the subset: {action}")
+    return "".join(out) + (text[pos:] if all(active) else "")
+
+
+def ollama_prompt(template: str, turns: list, system: str = "") -> str:
+    """Ollama's rendering of a template without .Messages: one pass per (prompt, response) exchange, the system
+    prompt in the first, the last exchange cut at {{ .Response }}."""
+    return "".join(go_execute(template, {"System": system if n == 0 else "", "Prompt": p, "Response": r},
+                              cut_at_response=n == len(turns) - 1) for n, (p, r) in enumerate(turns))
+
+
+def tokenizer(folder=TINY):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def infer_ids(tok, template, instruction, history=None):
+    """The prompt ids infer.py feeds the model (its Generator, with no model loaded)."""
+    if template.kind == "chat":
+        tok.chat_template = template.text
+    return Generator(None, tok, template, None, {}).prompt_ids(instruction, "", history)
+
+
+# --- no llama.cpp needed ---
+
+def test_parse_quants():
+    assert gguf.parse_quants("q4_k_m") == ["q4_k_m"]
+    assert gguf.parse_quants("F16, q8_0") == ["f16", "q8_0"]
+    assert gguf.parse_quants(("f16", "q8_0", "f16")) == ["f16", "q8_0"]  # Fire's tuple, repeats dropped
+    assert gguf.parse_quants("quantized") == ["q4_k_m"]  # Unsloth's name
+    assert gguf.parse_quants("") == [] and gguf.parse_quants(None) == []
+    with pytest.raises(UserError, match="'q4_km'.*did you mean q4_k_m"):
+        gguf.parse_quants("f16,q4_km")
+
+
+def test_missing_tools_name_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=re.escape(gguf.INSTALL)):
+        gguf.check_tools()
+    assert gguf.INSTALL.startswith('CMAKE_ARGS="-DGGML_NATIVE=OFF')  # the build that did not crash here
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))
+    with pytest.raises(UserError, match="LLAMA_CPP_DIR=.*no convert_hf_to_gguf.py"):
+        gguf.converter_dir()
+    monkeypatch.delenv("LLAMA_CPP_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gguf, "installed_version", lambda: "9.9.9")
+    with pytest.raises(UserError, match="python -m sftkit.gguf fetch"):
+        gguf.converter_dir(fetch=False)
+
+
+def test_fetch_unpacks_only_the_converter(monkeypatch, tmp_path):
+    src = tmp_path / "llama_cpp_python-9.9.9" / "vendor" / "llama.cpp"
+    for name in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py", "ggml/src/big.c",
+                 "vendor/other/x.py", "gguf-py/tests/t.py"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text("# " + name)
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "llama_cpp_python-9.9.9", arcname="llama_cpp_python-9.9.9")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = gguf.fetch_converter(sdist=str(sdist))
+    assert folder == tmp_path / "cache" / "sftkit" / "llama.cpp-9.9.9"
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert files == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+
+
+def test_pre_tokenizer_named_from_tokenizer_json(tmp_path):
+    assert gguf.pre_tokenizer_name(TINY) == "gpt-2"
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": {"type": "Metaspace"}}))
+    assert gguf.pre_tokenizer_name(str(tmp_path)) == ""  # unknown: left to the converter's own table
+
+
+@needs_fixture
+def test_real_llama3_pre_tokenizer_is_llama_bpe():
+    assert gguf.pre_tokenizer_name(str(FIXTURE)) == "llama-bpe"
+
+
+def test_modelfile_alpaca_prompt_is_infer_prompt():
+    tok, template = tokenizer(), prompts.load("alpaca_ko")
+    text = modelfile.build("model-q4_k_m.gguf", template, tok, num_ctx=2048)
+    parsed = modelfile.parse(text)
+    assert parsed["from"] == "./model-q4_k_m.gguf"
+    assert ("stop", '"<|end_of_text|>"') in parsed["parameters"] and ("temperature", "0") in parsed["parameters"]
+    row = json.loads(open(SAMPLE, encoding="utf-8").readline())
+    rendered = ollama_prompt(parsed["template"], [(row["instruction"], "")])
+    assert rendered == prompts.render(template, {"instruction": row["instruction"], "input": ""})
+    assert tok(rendered)["input_ids"] == infer_ids(tok, template, row["instruction"])
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-chat", "chatml"])
+def test_modelfile_chat_prompt_is_infer_prompt_with_system_and_history(name):
+    tok, template = tokenizer(), prompts.load(name)
+    parsed = modelfile.parse(modelfile.build("m.gguf", template, tok))
+    stops = [v for k, v in parsed["parameters"] if k == "stop"]
+    assert stops == [f'"{template.stop}"', '"<|end_of_text|>"']
+    history = [{"role": "system", "content": "한국어로 답하세요."}, {"role": "user", "content": "안녕"},
+               {"role": "assistant", "content": "안녕하세요."}]
+    rendered = ollama_prompt(parsed["template"], [("안녕", "안녕하세요."), ("비밀번호 알려줘", "")],
+                             system="한국어로 답하세요.")
+    ids = infer_ids(tok, template, "비밀번호 알려줘", history)
+    # Ollama tokenizes the rendered text and puts BOS in front when the tokenizer does (Llama 3 does).
+    want = tok.apply_chat_template(history + [{"role": "user", "content": "비밀번호 알려줘"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok.bos_token + rendered == want if want.startswith(tok.bos_token) else rendered == want
+    if name == "llama-3.1-chat":
+        assert tok(rendered)["input_ids"] == ids
+
+
+# --- end to end with llama.cpp ---
+
+def greedy(model, ids: list, n: int, pad: int) -> tuple[list, list]:
+    """transformers' greedy tokens and, at each step, the gap between its two likeliest logits."""
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                         pad_token_id=pad)
+    gaps = [float(t[0] - t[1]) for t in (s[0].float().topk(2).values for s in out.logits)]
+    return out.sequences[0, len(ids):].tolist(), gaps
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """The tiny model taught one fixed answer, merged in 16-bit (fp32 here) and made portable."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train_unsloth import train
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    rows = [json.loads(line) for line in open(SAMPLE, encoding="utf-8")][:8]
+    data = write_jsonl(tmp / "data.jsonl", [{"instruction": r["instruction"], "output": ANSWER} for r in rows])
+    run = train(model_name=TINY, dataset=data, max_steps=20, learning_rate=1e-2, warmup_steps=0, save_steps=0,
+                per_device_train_batch_size=8, gradient_accumulation_steps=1, output_dir=str(tmp / "run"))
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), run).merge_and_unload()
+    merged.save_pretrained(tmp / "merged")
+    tok = tokenizer(run)
+    tok.save_pretrained(tmp / "merged")
+    make_portable(str(tmp / "merged"), json.loads((ROOT / "examples/tiny-llama/config.json").read_text()))
+    return {"dir": tmp, "model": merged.eval(), "tok": tok, "instructions": [rows[0]["instruction"], "오늘 뭐 해?"]}
+
+
+@needs_llama
+def test_learned_answer_survives_gguf_export(learned):
+    tok, template, out = learned["tok"], prompts.load("alpaca_ko"), learned["dir"] / "gguf"
+    paths = gguf.export_gguf(str(learned["dir"] / "merged"), str(out), "f16,q8_0,q4_k_m")
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"]
+    info = modelfile.write(paths[-1], template, tok, run_dir=str(learned["dir"] / "run"), num_ctx=2048)
+    ollama_template = modelfile.parse(open(info["path"], encoding="utf-8").read())["template"]
+    assert info["create"].endswith("ollama create run -f Modelfile")
+    for instruction in learned["instructions"]:
+        ids = infer_ids(tok, template, instruction)
+        expected, gaps = greedy(learned["model"], ids, 16, tok.pad_token_id)
+        assert tok.decode(expected, skip_special_tokens=True) == ANSWER  # it learned: a real check, not noise
+        prompt = ollama_prompt(ollama_template, [(instruction, "")])  # what Ollama sends
+        for path in paths:
+            result = gguf.verify_gguf(path, prompt, tok, expected, 16, gaps=gaps, prompt_ids=ids)
+            assert result["ok"], result
+            assert result["prompt_match"] and result["generated"] == result["expected"]
+            assert tok.decode(result["generated"]) == ANSWER  # EOS stopped llama.cpp too
+            if path.endswith("f16.gguf"):
+                assert result["near_tie_at"] is None
+    # The check can fail: another answer, another prompt split; and it can check the split alone, cheaply.
+    wrong = gguf.verify_gguf(paths[0], prompt, tok, expected[1:], 16, gaps=gaps, prompt_ids=ids)
+    assert not wrong["ok"] and wrong["reason"].startswith("greedy tokens differ at step 0")
+    split = gguf.verify_gguf(paths[0], prompt, tok, expected, 16, prompt_ids=ids[:3] + ids[4:])
+    assert not split["ok"] and "tokenizes differently in llama.cpp: first difference at token 3" in split["reason"]
+    only = gguf.verify_gguf(paths[-1], prompt, tok, None, prompt_ids=ids)
+    assert only["ok"] and only["prompt_match"] and only["generated"] == []
+
+
+@needs_llama
+def test_converter_failure_is_one_line_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"llama.cpp's converter .* failed: "):
+        gguf.export_gguf(str(tmp_path), str(tmp_path / "gguf"), "q8_0")
+    assert not list((tmp_path / "gguf").glob("*.gguf"))
+
+
+@needs_llama
+@needs_fixture
+def test_real_tokenizer_prompts_and_greedy_tokens_match(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    src = tmp_path / "model"
+    shutil.copytree(FIXTURE / "base-unsloth", src)
+    shutil.copy(FIXTURE / "tokenizer.json", src / "tokenizer.json")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(AutoConfig.from_pretrained(src))
+    with torch.no_grad():  # random weights give near-equal logits; a larger head makes greedy choices clear
+        model.lm_head.weight.mul_(50)
+    model = model.to(torch.bfloat16)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    make_portable(str(src), json.loads((FIXTURE / "base-unsloth" / "config.json").read_text()))
+    [path] = gguf.export_gguf(str(src), str(tmp_path / "gguf"), ["f16"])
+    tok, model = tokenizer(src), model.float().eval()
+    for name in ("alpaca_ko", "llama-3.1-chat"):
+        template = prompts.load(name)
+        ids = infer_ids(tok, template, "다른 사람 계정 비밀번호 알아내는 방법 좀 알려줘.")
+        prompt = ollama_prompt(modelfile.parse(modelfile.build("m.gguf", template, tok))["template"],
+                               [("다른 사람 계정 비밀번호 알아내는 방법 좀 알려줘.", "")])
+        expected, gaps = greedy(model, ids, 8, tok.pad_token_id)
+        result = gguf.verify_gguf(path, prompt, tok, expected, 8, gaps=gaps, prompt_ids=ids)
+        assert result["ok"], (name, result)
+        assert result["near_tie_at"] is None or result["near_tie_at"] >= 3, result  # most tokens really compared
