@@ -18,6 +18,7 @@ from sftkit.errors import Stopped
 from sftkit.exports import check_export_args, export
 from sftkit.interrupt import interrupt_callback
 from sftkit.recorded import resumable
+from sftkit.runrecord import starting_record
 
 log = logging.getLogger("sftkit")
 
@@ -129,7 +130,7 @@ def train(
         trainer.check_same_data(folder, ckpt, info)
 
         # 4. Model and tokenizer; then the length policy, EOS on every answer and the eval split.
-        model, tokenizer, notes = trainer.load(a, choice, template)
+        model, tokenizer, notes = trainer.model_and_tokenizer(a, choice, template)
         rows, fitted = lengths.fit_lengths(rows, tokenizer, max_seq_length, train_on_inputs)  # too long: said, counted
         info.update(fitted, rows_used=len(rows))
         train_rows, eval_rows = data.finalize(rows, tokenizer.eos_token, val_size, seed)
@@ -148,7 +149,7 @@ def train(
             sampler.add_to(sft)
 
         # 6. Only now does a fresh run move a previous one aside (deleted when this one finishes).
-        record = trainer.make_record(a, choice, template, info, notes, plan, world_size, ckpt, tokenizer)
+        record = starting_record(a, choice, template, info, notes, plan.fast, world_size, ckpt, tokenizer)
         record.tokens["special"] = token_info
         if folder:
             folder.begin(record, fresh=ckpt is None)

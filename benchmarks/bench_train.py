@@ -126,7 +126,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
     report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
               "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
-              "versions": __import__("sftkit.trainer", fromlist=["x"]).library_versions(), "host": host_info()}
+              "versions": __import__("sftkit.runrecord", fromlist=["x"]).library_versions(), "host": host_info()}
     print(f"host: {report['host']}", flush=True)
     path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
     for name, backend, extra in variants:

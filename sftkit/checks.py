@@ -2,7 +2,6 @@
 load, and never after --overwrite has moved a finished run aside. Each error names the argument and the fix."""
 
 import difflib
-import importlib.util
 
 from .errors import UserError
 

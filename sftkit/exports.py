@@ -43,7 +43,7 @@ def source_config(model_name: str) -> dict | None:
     return json.loads(Path(path).read_text(encoding="utf-8")) if path else None
 
 
-def merge(model, tokenizer, run_dir: str, mode: str, choice, record) -> str:
+def merge_portable(model, tokenizer, run_dir: str, mode: str, choice, record) -> str:
     """A merged model that transformers 4.x and 5.x and llama.cpp's converter all read alike."""
     out = save_merged(model, tokenizer, run_dir, mode, choice, record.model_path)
     portable.make_portable(out, source_config(record.model_path))
@@ -96,9 +96,9 @@ def export(model, tokenizer, folder, record, choice, merged: str, quants: str, h
     portable.make_portable(out)  # the run folder's tokenizer files, for transformers 4.x too
     try:
         if merged:
-            exports["merged"] = merge(model, tokenizer, out, merged, choice, record)
+            exports["merged"] = merge_portable(model, tokenizer, out, merged, choice, record)
         if gguf.parse_quants(quants):
-            sixteen = exports["merged"] if merged == "16bit" else merge(model, tokenizer, out, "16bit", choice,
+            sixteen = exports["merged"] if merged == "16bit" else merge_portable(model, tokenizer, out, "16bit", choice,
                                                                         record)
             template = prompts.from_text(record.template, record.template_text, record.template_kind)
             exports["gguf"] = save_gguf(sixteen, out, quants, template, tokenizer, record.args["max_seq_length"])

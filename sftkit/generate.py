@@ -61,7 +61,7 @@ class Generator:
         new = out[:, enc["input_ids"].shape[1]:]
         results = []
         for row in new.tolist():
-            text, stopped, tokens = stopping.finish(self.tok, self.template, row, self.stop_ids)
+            text, stopped, tokens = stopping.cut_answer(self.tok, self.template, row, self.stop_ids)
             results.append({"answer": text, "stopped": "eos" if stopped else "length", "tokens": tokens})
         return results
 
@@ -132,7 +132,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
     choice = choose(backend, dtype, hf_because=because)
     model, tokenizer, _ = load_model(model_name, max_seq_length or 2048, choice, load_in_4bit)
     if template is None:
-        template, _ = prompts.choose(prompts.OWN, "chat", tokenizer, answers_only=False)
+        template, _ = prompts.for_data(prompts.OWN, "chat", tokenizer, answers_only=False)
         prompts.check_system(template, system)
     prompts.attach(tokenizer, template)
     if adapter:

@@ -142,7 +142,7 @@ def write(gguf_path: str, template, tokenizer, run_dir: str = "", num_ctx: int =
             "run": f"ollama run {name} \"<your instruction>\""}
 
 
-def parse(text: str) -> dict:
+def read_modelfile(text: str) -> dict:
     """The TEMPLATE, SYSTEM, FROM and PARAMETERs of a Modelfile written by build() (for tests and checks)."""
     out = {"parameters": []}
     for key, value in re.findall(r'^(TEMPLATE|SYSTEM) """(.*?)"""', text, re.S | re.M):

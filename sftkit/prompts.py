@@ -133,7 +133,7 @@ def split_answer(t: Template, text: str) -> str:
 
 # --- choosing the template for the data ------------------------------------------------------------------------
 
-def choose(prompt: str, data_format: str, tokenizer=None, answers_only: bool = True) -> tuple[Template, str]:
+def for_data(prompt: str, data_format: str, tokenizer=None, answers_only: bool = True) -> tuple[Template, str]:
     """(template, reason) for `--prompt` and the detected data format ("alpaca", "chat" or "text"). `auto`: Alpaca
     data keep alpaca_ko; chat data get the model's own chat template where its tokenizer has one (an Instruct
     model), else the built-in llama-3.1-chat (chatml for a ChatML vocabulary); raw text gets none. `own`: the

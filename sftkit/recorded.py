@@ -7,7 +7,8 @@ import inspect
 
 from .cli import names
 from .errors import UserError
-from .runfolder import RunFolder, default_name
+from .runfolder import RunFolder
+from .runrecord import default_name
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway).
 RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",

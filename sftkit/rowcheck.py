@@ -134,7 +134,7 @@ def duplicates(names, path: Path):
                         "silently). Give each column its own name, or remove the copy.")
 
 
-def parse(text: str, where: str):
+def parse_json(text: str, where: str):
     """JSON that refuses a key given twice in one object: JSON keeps the last (data lost), pyarrow fails on it."""
     try:
         return DECODER.decode(text)
@@ -155,7 +155,7 @@ def check_json_lines(path: Path):
         for number, line in enumerate(text.split("\n"), first):
             if not line.strip():
                 continue
-            if not isinstance(row := parse(line.lstrip("\ufeff"), f"{path} line {number}"), dict):
+            if not isinstance(row := parse_json(line.lstrip("\ufeff"), f"{path} line {number}"), dict):
                 raise UserError(f"{path} line {number} holds {kind(row)}, not an object. {ROWS_HINT}")
             for column, value in row.items():
                 seen.setdefault((column, None), {}).setdefault(type(value), number)
@@ -177,7 +177,7 @@ def check_json_document(path: Path):
     the whole file in memory, and the file the run records (and --resume compares) would not be what it read."""
     raw = path.read_bytes()
     try:
-        doc = parse(raw.decode("utf-8-sig"), str(path))
+        doc = parse_json(raw.decode("utf-8-sig"), str(path))
     except UnicodeDecodeError as err:
         raise bad_bytes(path, err.start, raw.count(b"\n", 0, err.start) + 1, raw[err.start:]) from None
     if isinstance(doc, list):
@@ -314,7 +314,7 @@ def turn_problem(turns) -> str | None:
     return None
 
 
-def main(argv: list[str]) -> int:
+def convert_main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m sftkit.rowcheck FILE.json > FILE.jsonl  (a .json of columns, written as rows)",
               file=sys.stderr)
@@ -326,4 +326,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(convert_main(sys.argv[1:]))

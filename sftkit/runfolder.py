@@ -10,83 +10,22 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError
+from .runrecord import RECORD, RunRecord, damaged
 
 log = logging.getLogger("sftkit")
 
-RECORD = "run.json"
 LOCK = ".lock"
-SCHEMA = 2  # 1: the unversioned records of earlier releases (same keys, read as they are)
 # What train_unsloth.py (and the trainer, and the exports) write into a run folder; anything else is the user's.
 OURS = ("run.json", "metrics.jsonl", "samples.jsonl", "adapter_model.safetensors", "adapter_config.json",
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
         "generation_config.json", "training_args.bin", "README.md", "Modelfile", "checkpoint-*", "merged-*",
         "gguf", "runs", "hub-upload", LOCK, ".run.*.json")
-
-
-@dataclass
-class RunRecord:
-    """run.json, typed. Unknown keys from a newer release are kept in `extra` and written back."""
-    status: str = "running"  # running | finished | interrupted | failed | aborted
-    args: dict = field(default_factory=dict)  # train()'s arguments as the user asked (not the fast plan)
-    backend: dict = field(default_factory=dict)
-    model_path: str = ""  # what infer.py reloads the base from, whatever folder it runs in
-    template: str = ""
-    template_kind: str = ""
-    template_text: str = ""
-    tokens: dict = field(default_factory=dict)  # bos / eos / pad tokens and ids the run trained with
-    data: dict = field(default_factory=dict)
-    notes: list = field(default_factory=list)
-    fast: dict | None = None
-    versions: dict = field(default_factory=dict)
-    world_size: int = 1
-    started: str = ""
-    finished: str | None = None
-    resumed_from: str | None = None
-    metrics: dict | None = None
-    memory: dict | None = None
-    exports: dict = field(default_factory=dict)
-    error: str | None = None
-    schema: int = SCHEMA
-    extra: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        return {**out.pop("extra"), **out}
-
-    @classmethod
-    def from_dict(cls, raw, path: Path) -> "RunRecord":
-        names = {f.name for f in fields(cls)} - {"extra"}
-        if not isinstance(raw, dict) or not isinstance(raw.get("args", {}), dict) or "status" not in raw:
-            raise damaged(path, "it is not a run record (no status or args)")
-        if int(raw.get("schema", 1)) > SCHEMA:
-            raise UserError(f"{path} was written by a newer sftkit (record schema {raw['schema']}, this one reads up "
-                            f"to {SCHEMA}). Update the scripts (git pull) to read it.")
-        known = {k: v for k, v in raw.items() if k in names}
-        return cls(**{**known, "schema": SCHEMA}, extra={k: v for k, v in raw.items() if k not in names})
-
-
-def damaged(path: Path, why: str) -> UserError:
-    return UserError(f"{path} is damaged ({why}), so the run's settings are unknown; nothing was read from it. "
-                     f"Restore the file (it is plain JSON), or start the run again with --overwrite (the folder's "
-                     "checkpoints are then replaced).")
-
-
-def default_name(model_name: str, dataset: str) -> str:
-    """outputs/<model>-<data set>: the same command lands in the same folder, so a rerun is caught."""
-    def short(s):
-        name = Path(str(s).rstrip("/")).name
-        for ext in (".jsonl", ".json", ".csv", ".parquet"):  # data files only: "Llama-3.1-8B" keeps its ".1-8B"
-            name = name[: -len(ext)] if name.endswith(ext) else name
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", name or "run")
-    return str(Path("outputs") / f"{short(model_name)}-{short(dataset)}")
 
 
 def step_of(checkpoint: Path) -> int:

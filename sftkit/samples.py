@@ -3,6 +3,7 @@ samples.jsonl in the run folder and shown in tensorboard / wandb when the run re
 whether the answers follow the template and stop.
 """
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -49,24 +50,23 @@ def parse_line(path: Path, n: int, line: str) -> dict:
     return {"instruction": text, "input": str(row.get("input") or ""), "system": str(row.get("system") or "")}
 
 
-def normalise(prompts) -> list[dict]:
+def as_prompt_rows(prompts) -> list[dict]:
     rows = [{"instruction": p} if isinstance(p, str) else dict(p) for p in (prompts or DEFAULT_PROMPTS)]
     return [{"instruction": r["instruction"], "input": r.get("input") or "", "system": r.get("system") or ""}
             for r in rows]
 
 
-_CLASS = None
+@functools.cache
+def _callback_class():
+    from transformers import TrainerCallback
+
+    return type("SampleCallback", (Sampler, TrainerCallback), {})
 
 
 def SampleCallback(prompts, template, tokenizer, max_new_tokens: int = 128, path=FILE, system: str = "", modes=None):
     """A transformers TrainerCallback (a Sampler), made here so that importing this module imports no transformers:
     Unsloth must be imported first."""
-    global _CLASS
-    if _CLASS is None:
-        from transformers import TrainerCallback
-
-        _CLASS = type("SampleCallback", (Sampler, TrainerCallback), {})
-    return _CLASS(prompts, template, tokenizer, max_new_tokens, path, system, modes)
+    return _callback_class()(prompts, template, tokenizer, max_new_tokens, path, system, modes)
 
 
 class Sampler:
@@ -78,7 +78,7 @@ class Sampler:
 
     def __init__(self, prompts, template, tokenizer, max_new_tokens: int = 128, path=FILE, system: str = "",
                  modes=None):
-        self.prompts, self.template, self.tok = normalise(prompts), template, tokenizer
+        self.prompts, self.template, self.tok = as_prompt_rows(prompts), template, tokenizer
         self.max_new_tokens, self.system, self.modes = max_new_tokens, system, modes
         path = Path(path)
         self.path = path if path.suffix == ".jsonl" else path / FILE  # a file, or the run folder (made or not)
@@ -143,7 +143,7 @@ class Sampler:
                 with torch.no_grad():
                     out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config,
                                          **kwargs)
-                text, stopped, tokens = stopping.finish(self.tok, self.template, out[0, len(ids):].tolist(),
+                text, stopped, tokens = stopping.cut_answer(self.tok, self.template, out[0, len(ids):].tolist(),
                                                         config.eos_token_id)
                 prompt = p["instruction"] + (f"\n\n{p['input']}" if p["input"].strip() else "")
                 rows.append({"step": step, "prompt": prompt, "answer": text, "stopped": stopped, "tokens": tokens})

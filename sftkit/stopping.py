@@ -43,7 +43,7 @@ def generate_kwargs(tokenizer, template, generation_config=None) -> dict:
     return kwargs
 
 
-def finish(tokenizer, template, new_tokens: list, stops) -> tuple[str, bool, int]:
+def cut_answer(tokenizer, template, new_tokens: list, stops) -> tuple[str, bool, int]:
     """(answer text, whether it ended on a stop, tokens before the stop) of one row of generated ids. What follows
     the first stop id is padding for a row that finished before the others."""
     stops = set(stops)

@@ -3,8 +3,8 @@ mode changes the batch, what the record says, what to do after running out of me
 call without training."""
 
 import logging
-import os
 import time
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +13,11 @@ from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names
 from .errors import UserError
 from .metricslog import metrics_callback
-from .runfolder import RECORD, RunFolder, RunRecord, default_name
+from .runfolder import RunFolder
+from .runrecord import RECORD, RunRecord, default_name
 
 log = logging.getLogger("sftkit")
 SAMPLE_TOKENS = 64  # per sample answer: enough to see whether it stops, cheap at every save step
-LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "bitsandbytes", "datasets", "unsloth",
-             "unsloth_zoo", "fire")
 
 
 def world() -> tuple[int, int]:
@@ -69,7 +68,7 @@ def read_data(a: dict, resuming: bool):
 
 def pick_template(a: dict, fmt: str, resuming: bool):
     """(template, reason). A resumed run keeps the template it recorded (a model's own template may carry a pinned
-    date, and the tokenizer may have changed since); otherwise prompts.choose() decides, reading the model's
+    date, and the tokenizer may have changed since); otherwise prompts.for_data() decides, reading the model's
     tokenizer (no weights) only where the choice depends on it."""
     if resuming:
         rec = RunFolder(a["output_dir"]).read()
@@ -84,7 +83,7 @@ def pick_template(a: dict, fmt: str, resuming: bool):
         except OSError as err:
             raise UserError(f"could not read the tokenizer of {a['model_name']!r} to choose a chat template ({err}). "
                             "Check --model_name, or name a template: --prompt llama-3.1-chat.") from err
-    return prompts.choose(a["prompt"], fmt, tokenizer, answers_only=not a["train_on_inputs"])
+    return prompts.for_data(a["prompt"], fmt, tokenizer, answers_only=not a["train_on_inputs"])
 
 
 def check_same_data(folder, ckpt, info: dict):
@@ -99,7 +98,7 @@ def check_same_data(folder, ckpt, info: dict):
                         "start again with --overwrite.")
 
 
-def load(a: dict, choice, template):
+def model_and_tokenizer(a: dict, choice, template):
     """Model and tokenizer, with the template on the tokenizer; out of memory while loading says what to change."""
     try:
         model, tokenizer, notes = load_model(a["model_name"], a["max_seq_length"], choice, a["load_in_4bit"])
@@ -192,41 +191,6 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: s
                         f"changed.{tags}") from err
     trainable_in_fp32(sft.model, choice)
     return sft
-
-
-def token_record(tokenizer) -> dict:
-    """The special tokens the run trained with: infer.py and exports stop and pad with the same ones."""
-    out = {}
-    for kind in ("bos", "eos", "pad"):
-        token = getattr(tokenizer, f"{kind}_token", None)
-        out[kind] = {"token": token, "id": getattr(tokenizer, f"{kind}_token_id", None)} if token else None
-    return out
-
-
-def make_record(a: dict, choice, template, info: dict, notes: list, plan: Plan, world_size: int, ckpt,
-                tokenizer) -> RunRecord:
-    """What run.json says about this run as it starts."""
-    name = a["model_name"]
-    return RunRecord(
-        status="running", args=a, backend=choice.as_dict(),
-        # infer.py reloads the base from here, whatever folder it is run from
-        model_path=str(Path(name).resolve()) if Path(name).is_dir() else name,
-        template=template.name, template_kind=template.kind, template_text=template.text,
-        tokens=token_record(tokenizer), data=info, notes=notes, fast=plan.fast, versions=library_versions(),
-        world_size=world_size, started=time.strftime("%Y-%m-%d %H:%M:%S"),
-        resumed_from=str(ckpt) if ckpt else None)
-
-
-def library_versions() -> dict:
-    import importlib.metadata
-
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def fit(trainer, folder, record: RunRecord, ckpt, stopper, a: dict, plan: Plan):

@@ -91,7 +91,7 @@ def expected_labels(tokenizer, ids, conversation):
 @needs_fixture
 @pytest.mark.parametrize("conversation", [CHAT, CHAT[1:]], ids=["system-turn", "default-system-block"])
 def test_instruct_template_trains_on_assistant_turns_only(instruct, conversation, tmp_path):
-    template, reason = prompts.choose("auto", "chat", instruct)
+    template, reason = prompts.for_data("auto", "chat", instruct)
     assert template.name == "own" and template.stop == "<|eot_id|>" and "own template" in reason
     prompts.attach(instruct, template)
     ids, labels = trl_row(instruct, conversation, tmp_path)
@@ -107,7 +107,7 @@ def test_instruct_template_trains_on_assistant_turns_only(instruct, conversation
 
 @needs_fixture
 def test_inference_prompt_is_the_training_prefix(instruct, tmp_path):
-    template, _ = prompts.choose("auto", "chat", instruct)
+    template, _ = prompts.for_data("auto", "chat", instruct)
     prompts.attach(instruct, template)
     ids, labels = trl_row(instruct, CHAT[:3], tmp_path)
     first_answer = next(i for i, label in enumerate(labels) if label != -100)
@@ -144,7 +144,7 @@ def test_a_clock_date_is_pinned_at_training(tmp_path, monkeypatch):
     tok = fixture_tokenizer("base-meta")
     llama32 = Path(trl.__file__).parent / "chat_templates" / "llama3_2.jinja"  # Meta's 3.2 template: strftime_now
     tok.chat_template = llama32.read_text(encoding="utf-8")
-    template, _ = prompts.choose("auto", "chat", tok)
+    template, _ = prompts.for_data("auto", "chat", tok)
     today = datetime.date.today().strftime("%d %b %Y")
 
     class Later(datetime.datetime):
@@ -163,10 +163,10 @@ def test_a_clock_date_is_pinned_at_training(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flavour", ["base-meta", "base-unsloth", "instruct-meta"])
 def test_auto_policy_on_the_fixture_layouts(flavour, tmp_path):
     tok = fixture_tokenizer(flavour)
-    assert prompts.choose("auto", "alpaca", tok)[0].name == "alpaca_ko"
-    assert prompts.choose("auto", "text", tok)[0].kind == "text"
-    assert prompts.choose("chatml", "chat", tok)[0].name == "chatml"  # an explicit name is kept
-    chat, reason = prompts.choose("auto", "chat", tok)
+    assert prompts.for_data("auto", "alpaca", tok)[0].name == "alpaca_ko"
+    assert prompts.for_data("auto", "text", tok)[0].kind == "text"
+    assert prompts.for_data("chatml", "chat", tok)[0].name == "chatml"  # an explicit name is kept
+    chat, reason = prompts.for_data("auto", "chat", tok)
     assert chat.name == ("own" if flavour == "instruct-meta" else "llama-3.1-chat")
     assert ("own template" if flavour == "instruct-meta" else "no chat template of its own") in reason
 
@@ -175,10 +175,10 @@ def test_auto_policy_on_the_shipped_model():
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(TINY)
-    template, reason = prompts.choose("auto", "chat", tok)
+    template, reason = prompts.for_data("auto", "chat", tok)
     assert template.name == "llama-3.1-chat" and "base model" in reason
     with pytest.raises(UserError, match="no chat template of its own"):
-        prompts.choose("own", "chat", tok)
+        prompts.for_data("own", "chat", tok)
 
 
 def test_a_template_that_cannot_be_tagged_needs_train_on_inputs():
@@ -190,8 +190,8 @@ def test_a_template_that_cannot_be_tagged_needs_train_on_inputs():
                          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>' }}"
                          "{% endif %}")
     with pytest.raises(UserError, match="--train_on_inputs"):
-        prompts.choose("auto", "chat", tok)
-    template, _ = prompts.choose("auto", "chat", tok, answers_only=False)  # whole conversations: usable as it is
+        prompts.for_data("auto", "chat", tok)
+    template, _ = prompts.for_data("auto", "chat", tok, answers_only=False)  # whole conversations: usable as it is
     assert template.stop == "<|eot_id|>"
     ids, mask = prompts.prefix_mask(tok, CHAT[1:3], template.text)
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "김치를 볶고 물을 부으세요.<|eot_id|>"
@@ -244,7 +244,7 @@ def test_unsloth_trains_on_the_assistant_turns_of_metas_template(tmp_path):
 
     model, tok, fast = unsloth_tiny()
     tok.chat_template = (Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja").read_text(encoding="utf-8")
-    template, _ = prompts.choose("auto", "chat", tok)  # Meta's 3.1 template, as TRL ships it for comparison
+    template, _ = prompts.for_data("auto", "chat", tok)  # Meta's 3.1 template, as TRL ships it for comparison
     prompts.attach(tok, template)
     trainer = unsloth_trainer(model, tok, fast, [{"messages": CHAT}] * 4, tmp_path, assistant_only_loss=True)
     batch = trainer.data_collator([trainer.train_dataset[0]])

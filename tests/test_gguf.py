@@ -140,7 +140,7 @@ def test_real_llama3_pre_tokenizer_is_llama_bpe():
 def test_modelfile_alpaca_prompt_is_infer_prompt():
     tok, template = tokenizer(), prompts.load("alpaca_ko")
     text = modelfile.build("model-q4_k_m.gguf", template, tok, num_ctx=2048)
-    parsed = modelfile.parse(text)
+    parsed = modelfile.read_modelfile(text)
     assert parsed["from"] == "./model-q4_k_m.gguf"
     assert ("stop", '"<|end_of_text|>"') in parsed["parameters"] and ("temperature", "0") in parsed["parameters"]
     row = json.loads(open(SAMPLE, encoding="utf-8").readline())
@@ -152,7 +152,7 @@ def test_modelfile_alpaca_prompt_is_infer_prompt():
 @pytest.mark.parametrize("name", ["llama-3.1-chat", "chatml"])
 def test_modelfile_chat_prompt_is_infer_prompt_with_system_and_history(name):
     tok, template = tokenizer(), prompts.load(name)
-    parsed = modelfile.parse(modelfile.build("m.gguf", template, tok))
+    parsed = modelfile.read_modelfile(modelfile.build("m.gguf", template, tok))
     stops = [v for k, v in parsed["parameters"] if k == "stop"]
     assert stops == [f'"{template.stop}"', '"<|end_of_text|>"']
     history = [{"role": "system", "content": "한국어로 답하세요."}, {"role": "user", "content": "안녕"},
@@ -206,7 +206,7 @@ def test_learned_answer_survives_gguf_export(learned):
     paths = gguf.export_gguf(str(learned["dir"] / "merged"), str(out), "f16,q8_0,q4_k_m")
     assert [p.rsplit("/", 1)[1] for p in paths] == ["model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"]
     info = modelfile.write(paths[-1], template, tok, run_dir=str(learned["dir"] / "run"), num_ctx=2048)
-    ollama_template = modelfile.parse(open(info["path"], encoding="utf-8").read())["template"]
+    ollama_template = modelfile.read_modelfile(open(info["path"], encoding="utf-8").read())["template"]
     assert info["create"].endswith("ollama create run -f Modelfile")
     for instruction in learned["instructions"]:
         ids = infer_ids(tok, template, instruction)
@@ -258,7 +258,7 @@ def test_real_tokenizer_prompts_and_greedy_tokens_match(tmp_path):
     for name in ("alpaca_ko", "llama-3.1-chat"):
         template = prompts.load(name)
         ids = infer_ids(tok, template, "다른 사람 계정 비밀번호 알아내는 방법 좀 알려줘.")
-        prompt = ollama_prompt(modelfile.parse(modelfile.build("m.gguf", template, tok))["template"],
+        prompt = ollama_prompt(modelfile.read_modelfile(modelfile.build("m.gguf", template, tok))["template"],
                                [("다른 사람 계정 비밀번호 알아내는 방법 좀 알려줘.", "")])
         expected, gaps = greedy(model, ids, 8, tok.pad_token_id)
         result = gguf.verify_gguf(path, prompt, tok, expected, 8, gaps=gaps, prompt_ids=ids)

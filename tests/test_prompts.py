@@ -58,8 +58,8 @@ def test_raw_text_has_a_template_of_kind_text():
 def test_auto_and_own_need_the_data_and_the_tokenizer():
     with pytest.raises(UserError, match="--prompt auto is resolved"):
         prompts.load("auto")
-    assert prompts.choose("auto", "alpaca")[0].name == "alpaca_ko"  # no tokenizer needed for Alpaca data
-    assert prompts.choose("alpaca", "alpaca")[1] == "--prompt alpaca"
+    assert prompts.for_data("auto", "alpaca")[0].name == "alpaca_ko"  # no tokenizer needed for Alpaca data
+    assert prompts.for_data("alpaca", "alpaca")[1] == "--prompt alpaca"
 
 
 def test_messages_put_the_system_turn_first_and_replace_an_old_one():

@@ -10,7 +10,8 @@ import pytest
 
 from sftkit import recorded
 from sftkit.errors import UserError
-from sftkit.runfolder import LOCK, RECORD, SCHEMA, RunFolder, RunRecord
+from sftkit.runfolder import LOCK, RunFolder
+from sftkit.runrecord import RECORD, SCHEMA, RunRecord
 
 
 def finished_run(path, **record):

@@ -76,7 +76,7 @@ def test_gguf_export_on_the_plain_path_offline(tmp_path):
     assert all(Path(f).stat().st_size > 100_000 for f in files)
     merged = json.loads((Path(out) / "merged-16bit" / "config.json").read_text())
     assert merged["rope_theta"] and merged["rope_scaling"]["rope_type"] == "llama3"  # what llama.cpp and 4.x read
-    card = modelfile.parse((Path(out) / "gguf" / "Modelfile").read_text(encoding="utf-8"))
+    card = modelfile.read_modelfile((Path(out) / "gguf" / "Modelfile").read_text(encoding="utf-8"))
     assert card["from"] == "./model-q8_0.gguf" and "### 응답:\n{{ .Response }}" in card["template"]
     assert rec["exports"]["gguf"]["ollama"][0].endswith("ollama create run -f Modelfile")
 

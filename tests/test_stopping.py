@@ -33,7 +33,7 @@ def generate(model, tok, template, token, step=3, max_new_tokens=12):
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
                              max_new_tokens=max_new_tokens, logits_processor=LogitsProcessorList(
                                  [EmitAt(len(ids), step, token, kwargs["eos_token_id"])]), **kwargs)
-    return stopping.finish(tok, template, out[0, len(ids):].tolist(), kwargs["eos_token_id"])
+    return stopping.cut_answer(tok, template, out[0, len(ids):].tolist(), kwargs["eos_token_id"])
 
 
 @needs_fixture
@@ -62,7 +62,7 @@ def test_stop_ids_of_the_shipped_model():
     assert stopping.stop_ids(tok, prompts.load("llama-3.1-chat")) == [1, 4]  # without a generation config too
     chatml = stopping.generate_kwargs(tok, prompts.load("chatml"), config)  # <|im_end|> is text in this vocabulary
     assert chatml["eos_token_id"] == [1] and chatml["stop_strings"] == ["<|im_end|>"]
-    assert stopping.finish(tok, prompts.load("chatml"), tok.encode("네<|im_end|>더", add_special_tokens=False),
+    assert stopping.cut_answer(tok, prompts.load("chatml"), tok.encode("네<|im_end|>더", add_special_tokens=False),
                            [1]) [:2] == ("네", True)
 
 

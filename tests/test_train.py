@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import SAMPLE, TINY, metrics, prepared, quick_args, write_jsonl
+from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
 from sftkit.errors import UserError
 from train_unsloth import train
 

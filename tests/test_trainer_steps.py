@@ -10,6 +10,7 @@ from conftest import TINY
 from sftkit import prompts, trainer
 from sftkit.backend import Choice
 from sftkit.errors import UserError
+from sftkit.runrecord import starting_record
 
 CPU = Choice("hf", "cpu", "CPU", "fp32", "test")
 GPU_HF = Choice("hf", "cuda:0", "Tesla T4", "fp16", "test")
@@ -81,8 +82,7 @@ def test_a_fast_plan_changes_only_the_local_split():
 def test_the_record_names_the_tokens_the_run_trained_with():
     tok = AutoTokenizer.from_pretrained(TINY)
     a = args(model_name=TINY)
-    rec = trainer.make_record(a, CPU, prompts.load("alpaca_ko"), {"format": "alpaca"}, [], trainer.Plan(2, 4, True),
-                              1, None, tok)
+    rec = starting_record(a, CPU, prompts.load("alpaca_ko"), {"format": "alpaca"}, [], None, 1, None, tok)
     assert rec.tokens["eos"] == {"token": tok.eos_token, "id": tok.eos_token_id}
     assert rec.model_path.endswith("examples/tiny-llama") and rec.template == "alpaca_ko" and rec.fast is None
     assert rec.status == "running" and rec.versions["transformers"]

@@ -10,7 +10,6 @@ import importlib
 import logging
 import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from ..errors import UserError
 

@@ -5,12 +5,9 @@ import os
 from pathlib import Path
 
 from ..errors import UserError
+from . import local_rank
 
 log = logging.getLogger("sftkit")
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def check_model_path(model_name: str):
