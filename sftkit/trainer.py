@@ -279,6 +279,10 @@ def sample_callback(a: dict, choice, template, tokenizer):
     so a user sees early whether answers follow the template and stop."""
     if a["sample_prompts"] == "none":
         return None
+    extra = template.fields - {"instruction", "input"} if template.kind == "instruction" else set()
+    if extra:  # sample prompts give an instruction and input only
+        log.info("no samples during training: template %s also uses %s", template.name, sorted(extra))
+        return None
     modes = None
     if choice.unsloth:
         from unsloth import FastLanguageModel

@@ -151,7 +151,7 @@ def test_merged_adapter_answers_like_the_adapter(memorized, gen, tmp_path):
     src, dst = write_jsonl(tmp_path / "q.jsonl", ROWS[:2]), tmp_path / "a.jsonl"
     assert run_batch(merged, src, str(dst)) == 2
     written = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
-    assert [r["merged_adapter"] for r in written] == [True, True]  # batch rows say they came from merged weights
+    assert [r["settings"]["merged_adapter"] for r in written] == [True, True]  # rows say they came from merged weights
 
 
 def test_merge_adapter_without_adapter_fails_before_loading(no_model_load):

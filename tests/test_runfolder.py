@@ -135,3 +135,14 @@ def test_lifecycle_restores_the_replaced_run_when_the_new_one_gains_nothing(tmp_
     assert folder.fail(RunRecord(), KeyboardInterrupt()) == "restored"
     assert (path / "adapter_model.safetensors").read_bytes() == b"weights"
     assert not (tmp_path / "run.replaced").exists() and not (path / LOCK).exists()
+
+
+def test_metrics_past_the_checkpoint_are_dropped_when_a_run_resumes(tmp_path):
+    """A kill after step 7 with the last checkpoint at 5: the resumed run trains 6 and 7 again, so their old lines
+    go (and a line torn by the kill with them); nothing is listed twice."""
+    from sftkit.metricslog import keep_through
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    keep_through(path, 5)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
