@@ -39,7 +39,7 @@ def cases(tmp: Path, run: str):
         ("data values", "json dict of columns", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o4"), "--dataset", data("cols.json", json.dumps({"instruction": ["a", "b"], "output": ["c", "d"]}))], "error"),
         ("data values", "duplicate CSV header", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o5"), "--dataset", data("dup.csv", "instruction,output,output\na,b,c\n")], "error"),
         ("data values", "cp949 bytes", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o6"), "--dataset", data("cp949.jsonl", rows(*ok_rows).encode("utf-8") + '{"instruction": "안녕", "output": "네"}\n'.encode("cp949"))], "error"),
-        ("data values", "role bot/human trains", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o7"), "--dataset", data("roles.jsonl", rows(*[{"messages": [{"role": "human", "content": f"q{i}"}, {"role": "bot", "content": f"a{i}"}]} for i in range(8)))], "ok"),
+        ("data values", "role bot/human trains", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o7"), "--dataset", data("roles.jsonl", rows(*[{"messages": [{"role": "human", "content": f"q{i}"}, {"role": "bot", "content": f"a{i}"}]} for i in range(8)]))], "ok"),
         ("length", "every row too long", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o8"), "--dataset", SAMPLE, "--max_seq_length", "8"], "error"),
         ("length", "some rows too long, counted", "train_unsloth.py", [*QUICK, "--output_dir", str(tmp / "o9"), "--dataset", SAMPLE, "--max_seq_length", "200", "--max_samples", "40"], "ok"),
         ("one-line errors", "output_dir is a file", "train_unsloth.py", [*QUICK, "--dataset", SAMPLE, "--output_dir", data("afile", "x")], "error"),

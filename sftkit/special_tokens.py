@@ -132,16 +132,3 @@ def lora_token_kwargs(model, ids) -> dict:
     len(ids) x hidden x 2 parameters instead of the whole matrices (1.05 billion on the 8B shape), and an adapter
     of kilobytes that loads like any other. Tied embeddings: peft follows the tie."""
     return {"trainable_token_indices": {name: sorted(set(ids)) for name in embedding_names(model)}}
-
-
-def upcast_trainable(model) -> int:
-    """fp16 training (a T4) scales gradients and cannot unscale fp16 ones; peft upcasts LoRA weights to float32 but
-    not modules_to_save copies, so this upcasts every trainable half-precision parameter. Returns how many."""
-    import torch
-
-    changed = 0
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
-            changed += 1
-    return changed

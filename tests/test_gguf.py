@@ -13,15 +13,12 @@ import tarfile
 import pytest
 import torch
 
-from conftest import ROOT, SAMPLE, TINY, write_jsonl
+from conftest import FIXTURE, ROOT, SAMPLE, TINY, needs_fixture, write_jsonl
 from sftkit import gguf, modelfile, prompts
 from sftkit.errors import UserError
 from sftkit.generate import Generator
 from sftkit.portable import make_portable
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "llama-3.1-tokenizer"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "tokenizer.json").is_file(),
-                                   reason=f"the real Llama 3.1 tokenizer fixture is not at {FIXTURE}")
 ANSWER = "안전한 방법만 알려 드릴게요."
 
 

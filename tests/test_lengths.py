@@ -9,13 +9,10 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from conftest import ROOT, SAMPLE, TINY
+from conftest import FIXTURE, SAMPLE, TINY, needs_fixture
 from sftkit import lengths, prompts
 from sftkit.errors import UserError
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "llama-3.1-tokenizer"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "tokenizer.json").is_file(),
-                                   reason=f"the real Llama 3.1 tokenizer fixture is absent ({FIXTURE})")
 KO = prompts.load("alpaca_ko")
 CHAT = prompts.load("llama-3.1-chat")
 

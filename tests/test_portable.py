@@ -8,13 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY
+from conftest import FIXTURE, TINY, needs_fixture
 from sftkit.errors import UserError
 from sftkit.portable import inv_freq_4x, legacy_rope, make_portable
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "llama-3.1-tokenizer"
-needs_fixture = pytest.mark.skipif(not (FIXTURE / "tokenizer.json").is_file(),
-                                   reason=f"the real Llama 3.1 tokenizer fixture is not at {FIXTURE}")
 TF4 = os.environ.get("TRANSFORMERS4_PATH", "")
 needs_tf4 = pytest.mark.skipif(not TF4, reason="TRANSFORMERS4_PATH is not set; to check with transformers 4.x: pip "
                                "install --no-deps --target DIR transformers==4.57.6 tokenizers==0.22.2 "

@@ -90,7 +90,10 @@ def test_train_embeddings_adapter_saves_and_loads_both_matrices(tmp_path):
     extra = special_tokens.lora_embedding_kwargs(model)
     assert extra == {"modules_to_save": ["embed_tokens", "lm_head"]}
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], **extra))
-    assert special_tokens.upcast_trainable(peft_model) == 2  # the fp16 copies of both matrices (LoRA: fp32 already)
+    from sftkit.backend import Choice, trainable_in_fp32
+
+    fp16_hf = Choice("hf", "cuda:0", "Tesla T4", "fp16", "test")  # what a T4 on the plain path runs
+    assert trainable_in_fp32(peft_model, fp16_hf) == 2  # the fp16 copies of both matrices (LoRA: fp32 already)
     assert all(p.dtype == torch.float32 for p in peft_model.parameters() if p.requires_grad)
     trained = peft_model.get_input_embeddings().weight
     assert trained.requires_grad and peft_model.get_output_embeddings().weight.requires_grad
