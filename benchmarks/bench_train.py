@@ -56,6 +56,7 @@ def run_variant(name, model_dir, data, work, backend, steps, extra, cap_gb, log)
     out = work / f"run-{name}"
     cmd = [str(ROOT / "train_unsloth.py"), "--model_name", str(model_dir), "--dataset", str(data),
            "--backend", backend, "--max_steps", str(steps), "--save_steps", "0", "--output_dir", str(out),
+           "--sample_prompts", "none",  # no answers sampled at the end: timings are training only
            "--overwrite", "--logging_steps", "1", *extra]
     cmd = [sys.executable, "-c", CAP_WRAPPER, str(cap_gb), *cmd] if cap_gb else [sys.executable, *cmd]
     t0 = time.time()
@@ -89,7 +90,7 @@ def steady(result, metrics_path, warmup):
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fast: bool = True, steps: int = 15,
          warmup: int = 3, rows: int = 512, mean_tokens: int = 325, memory_cap_gb: float = 0.0,
          seq_lens: str = "1024,2048,4096,8192,16384", search_dtype: str = "auto", cache: str = "/tmp/sftkit-bench",
-         out: str = ""):
+         out: str = "", dtype: str = ""):
     """Run the benchmark and write JSON.
 
     Args:
@@ -105,6 +106,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
       search_dtype: dtype of that search: auto (bf16 on an H100) | fp16 (what a T4 trains in) | bf16.
       cache: folder for the generated model and data (large: 16 GB for the 8B shape).
       out: JSON path (default benchmarks/results/train-<shape>[-capN].json).
+      dtype: train every variant in this dtype (fp16 for the T4 rehearsal under ../shared/gpu/t4.sh); "" = auto.
     """
     import torch
 
@@ -123,7 +125,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
     if fast:
         variants.append(("unsloth-fast", *VARIANTS["unsloth-fast"]))
     results = []
-    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup,
+    report = {"date": time.strftime("%Y-%m-%d"), "shape": shape, "steps": steps, "warmup": warmup, "dtype": dtype,
               "mean_tokens": mean_tokens, "memory_cap_gb": memory_cap_gb, "results": results,
               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
               "versions": __import__("sftkit.runrecord", fromlist=["x"]).library_versions(), "host": host_info()}
@@ -131,6 +133,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf,hf-sftkit", fa
     path = Path(out) if out else HERE / "results" / f"train-{shape}{f'-cap{memory_cap_gb:g}' if memory_cap_gb else ''}.json"
     for name, backend, extra in variants:
         print(f"running {name} ...", flush=True)
+        extra = [*extra, "--dtype", dtype] if dtype and "--dtype" not in extra else extra
         r = run_variant(name, model_dir, data, work, backend, steps, extra, memory_cap_gb, work / f"{name}.log")
         if "error" not in r:
             steady(r, work / f"run-{name}" / "metrics.jsonl", warmup)
