@@ -43,7 +43,7 @@ def main(shape: str = "llama-3.2-1b", gpus: int = 2, backend: str = "auto", step
         launch = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                   "--nproc_per_node", str(n)]
         cmd = [*launch, str(ROOT / "train_unsloth.py"), "--model_name", str(model_dir), "--dataset", str(data),
-               "--backend", backend, "--max_steps", str(steps), "--save_steps", "0", "--overwrite",
+               "--backend", backend, "--max_steps", str(steps), "--save_steps", "0", "--overwrite", "--sample_prompts", "none",
                "--per_device_train_batch_size", str(per_device_train_batch_size),
                "--gradient_accumulation_steps", str(gradient_accumulation_steps), "--output_dir", str(run_dir)]
         log = cache / f"ddp-{n}.log"
