@@ -18,6 +18,7 @@ from sftkit.cli import run_cli
 from sftkit.errors import UserError
 from sftkit.batchfile import answered, batch_settings, check_output_path, read_prompts, run_batch
 from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator
+from sftkit import prompts
 from sftkit.runfolder import RunFolder
 
 log = logging.getLogger("sftkit")
@@ -100,7 +101,8 @@ def infer(
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
     if input_file:  # and an output file that is not ours to append to, or was answered with other settings
         check_output_path(output_file)
-        template = RunFolder(adapter).read().template if adapter else (prompt or "alpaca_ko")
+        template = (RunFolder(adapter).read().template if adapter else prompts.OWN if prompt == prompts.OWN
+                    else prompts.load(prompt or "alpaca_ko").name)  # the name the generator writes into each line
         answered(input_file, output_file, rows, batch_settings(adapter or model_name, template, merge_adapter, gen,
                                                                  system))
     from transformers import set_seed

@@ -116,8 +116,14 @@ def check_flags(fn, argv: list, positional_ok: bool = True) -> set:
             takes_value = not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if known[name].annotation is bool and takes_value and argv[i + 1].lower() not in TRUE | FALSE:
                 takes_value = False  # `--chat prompts.txt` is a switch and a stray word, as Fire reads it
+            if known[name].annotation is not bool and not has_value and not takes_value and name == flag:
+                raise UserError(f"--{name} needs a value (--{name} VALUE); Fire would have passed the text 'True'.")
             i += 2 if takes_value else 1
             continue
+        if len(token) > 1 and token[0] == "-" and token[1].isalpha():  # Fire's -r 8: written --r 8 here
+            name = token[1:].split("=", 1)[0]
+            raise UserError(f"{token!r}: write flags with two dashes, --{name if name in known else 'FLAG'} VALUE "
+                            "(--help lists them). Nothing was run.")
         if not positional_ok:
             raise UserError(f"{token!r} has no flag in front of it: every argument is given as --FLAG VALUE "
                             "(--help lists them). Quote a value that holds spaces.")

@@ -166,6 +166,10 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
         what = "is a chat template" if template.kind == "chat" else "has no template"
         raise UserError(f"--prompt {template.name} {what}; Alpaca-style data needs an instruction template such as "
                         "alpaca_ko or alpaca (--prompt auto picks it).")
+    if fmt == "text" and template.kind != "text":  # raw text is trained as written: a template would be a lie
+        raise UserError(f"--prompt {template.name}: the data are raw text (a text column), trained as written, so "
+                        "they take no template. Pass --prompt none (or auto), or map instruction/output columns "
+                        "with --columns for the Alpaca format.")
     if fmt == "chat" and template.kind != "chat":
         raise UserError(f"--prompt {template.name} is an instruction template; chat data needs a chat template "
                         "such as llama-3.1-chat or chatml.")

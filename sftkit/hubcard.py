@@ -27,11 +27,13 @@ def stage(source: Path, run_dir: Path, record, repo_id: str) -> Path:
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, out / item.name)
     base = hub_base(record)
-    for path in out.rglob("*.json"):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if path.name == "adapter_config.json":
-            data["base_model_name_or_path"] = base  # peft loads the base from here: a Hub id, not a local folder
-        path.write_text(json.dumps(scrub(data), ensure_ascii=False, indent=2), encoding="utf-8")
+    # Only the files sftkit and peft write paths into: a tokenizer's merges ("/", "..") are data, not paths.
+    for path in (out / "run.json", out / "adapter_config.json"):
+        if path.is_file():
+            data = scrub(json.loads(path.read_text(encoding="utf-8")))
+            if path.name == "adapter_config.json":
+                data["base_model_name_or_path"] = base  # peft loads the base from here: a Hub id, not a folder
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
     (out / "README.md").write_text(model_card(record, repo_id, base, merged=source != run_dir), encoding="utf-8")
     return out
 
@@ -43,12 +45,13 @@ def hub_base(record) -> str:
 
 
 def scrub(value):
-    """Every string that is a local path becomes its last part: run.json's folders, data files, checkpoints."""
+    """Every string that is an absolute, home or Windows path becomes its last part: run.json's folders, data
+    files, checkpoints. (Relative names such as "examples/tiny-llama" say nothing of the user's machine.)"""
     if isinstance(value, dict):
         return {k: scrub(v) for k, v in value.items()}
     if isinstance(value, list):
         return [scrub(v) for v in value]
-    if isinstance(value, str) and (_LOCAL.match(value) or Path(value).exists()) and "\n" not in value:
+    if isinstance(value, str) and _LOCAL.match(value) and "\n" not in value:
         return Path(value).name
     return value
 

@@ -25,7 +25,7 @@ LOCK = ".lock"
 OURS = ("run.json", "metrics.jsonl", "samples.jsonl", "adapter_model.safetensors", "adapter_config.json",
         "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
         "generation_config.json", "training_args.bin", "README.md", "Modelfile", "checkpoint-*", "merged-*",
-        "gguf", "runs", "hub-upload", LOCK, ".run.*.json")
+        "gguf", "runs", "hub-upload", "report.png", LOCK, ".run.*.json")
 
 
 def step_of(checkpoint: Path) -> int:
@@ -246,6 +246,9 @@ class RunFolder:
             if keep_lock:
                 (real / LOCK).write_text(f"{socket.gethostname()} {os.getpid()}")
             self.replaced = old
+            record.replaced = str(old)
+        elif not fresh and self.exists():  # a resumed run finishes what the run it continues replaced
+            record.replaced = self.read().replaced
         self.path.mkdir(parents=True, exist_ok=True)
         self.save(record)
 
@@ -259,11 +262,11 @@ class RunFolder:
     def finish(self, record: RunRecord):
         """Saves the final record; a finished run drops the one it replaced (also after a later --resume)."""
         self.save(record)
-        if record.status == "finished":
-            old = self.replaced_path()
-            if old.is_dir() and (old / RECORD).is_file():
-                shutil.rmtree(old)
-                log.info("this run replaced the one in %s, now deleted", old)
+        old = self.replaced_path()
+        # Only the run this one (or the run it resumed) moved aside: a RUN.replaced from elsewhere is never touched.
+        if record.status == "finished" and record.replaced == str(old) and (old / RECORD).is_file():
+            shutil.rmtree(old)
+            log.info("this run replaced the one in %s, now deleted", old)
         self.unlock()
 
     def fail(self, record: RunRecord, err: BaseException) -> str:

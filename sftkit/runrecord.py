@@ -37,6 +37,7 @@ class RunRecord:
     memory: dict | None = None
     exports: dict = field(default_factory=dict)
     error: str | None = None
+    replaced: str | None = None  # the previous run --overwrite moved aside, deleted when this one finishes
     schema: int = SCHEMA
     extra: dict = field(default_factory=dict)
 

@@ -130,3 +130,32 @@ def test_a_prompt_past_the_window_is_refused_naming_it(tmp_path, tiny_run):
     with pytest.raises(UserError, match="prompt 2 \\(\\d+ tokens\\): longer than the \\d+ tokens"):
         infer(adapter=tiny_run, input_file=src, output_file=str(dst), max_seq_length=256, max_new_tokens=8)
     assert not dst.exists() or dst.read_text() == ""  # refused before any answer was written
+
+
+def test_a_flag_without_its_value_and_single_dash_flags_are_refused(tmp_path):
+    done = script("train_unsloth.py", "--model_name", TINY, "--dataset", SAMPLE, "--output_dir", cwd=tmp_path)
+    assert done.returncode == 2 and "--output_dir needs a value" in done.stderr and not any(tmp_path.iterdir())
+    short = script("train_unsloth.py", "--model_name", TINY, "-r", "8", cwd=tmp_path)
+    assert short.returncode == 2 and "write flags with two dashes, --r VALUE" in short.stderr
+
+
+def test_raw_text_takes_no_template(tmp_path):
+    from train_unsloth import train
+
+    text = write_jsonl(tmp_path / "t.jsonl", [{"text": f"문장 {i}"} for i in range(8)])
+    with pytest.raises(UserError, match="raw text.*take no template. Pass --prompt none"):
+        train(model_name=TINY, dataset=text, prompt="alpaca", output_dir=str(tmp_path / "run"), max_steps=1)
+
+
+def test_a_batch_with_a_template_file_resumes(tmp_path):
+    """--prompt given as a path: a rerun of the same command finds its own answers (the settings name the
+    template the same way before and after the model loads)."""
+    from infer import infer
+
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "안녕"}, {"instruction": "고마워요"}])
+    dst = tmp_path / "a.jsonl"
+    template = str(ROOT / "prompts" / "alpaca.json")
+    infer(model_name=TINY, prompt=template, input_file=src, output_file=str(dst), max_new_tokens=2)
+    before = dst.read_bytes()
+    infer(model_name=TINY, prompt=template, input_file=src, output_file=str(dst), max_new_tokens=2)
+    assert dst.read_bytes() == before  # nothing to do: both rows answered with these settings

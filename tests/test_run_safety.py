@@ -53,17 +53,29 @@ def test_a_failure_after_a_checkpoint_keeps_both_runs(tmp_path):
     (path / RECORD).write_text('{"status": "finished", "args": {}}')
     folder = RunFolder(path)
     folder.claim(overwrite=True, resume=False)
-    folder.begin(RunRecord(), fresh=True)
+    record = RunRecord()
+    folder.begin(record, fresh=True)
     old = folder.replaced
     assert old == tmp_path / "run.replaced" and (old / RECORD).is_file() and path.is_dir()
     ckpt = path / "checkpoint-2"
     ckpt.mkdir()
     for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
         (ckpt / name).write_text("{}")
-    assert folder.fail(RunRecord(), RuntimeError("boom")) == "kept"
+    assert folder.fail(record, RuntimeError("boom")) == "kept"
     assert ckpt.is_dir() and (old / RECORD).is_file()
-    RunFolder(path).finish(RunRecord(status="finished"))
+    resumed, again = RunRecord(status="finished"), RunFolder(path)  # as --resume: a new record, the same folder
+    again.begin(resumed, fresh=False)
+    again.finish(resumed)
     assert not old.exists() and ckpt.is_dir()
+
+
+def test_a_replaced_folder_this_run_did_not_make_is_never_deleted(tmp_path, tiny_run):
+    """RUN.replaced may be the only copy of a finished run (an --overwrite failed after a checkpoint, then the user
+    moved RUN away): a new run into RUN that replaced nothing leaves it alone."""
+    shutil.copytree(tiny_run, tmp_path / "run.replaced")
+    out = train(**quick_args(tmp_path, max_steps=2, save_steps=0))
+    assert json.loads((Path(out) / "run.json").read_text())["status"] == "finished"
+    assert (tmp_path / "run.replaced" / "adapter_model.safetensors").is_file()
 
 
 def test_resume_may_split_the_batch_differently_and_learns_the_same(tmp_path):

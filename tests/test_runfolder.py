@@ -67,6 +67,7 @@ def test_overwrite_refuses_a_folder_holding_the_users_own_files(tmp_path):
     (path / "my_notes.txt").unlink()
     checkpoint(path, 2)
     (path / "metrics.jsonl").write_text("")
+    (path / "report.png").write_bytes(b"png")  # memory_report.py plot writes it
     assert RunFolder(path).claim(overwrite=True, resume=False) is None  # only what sftkit wrote: allowed
 
 

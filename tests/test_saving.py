@@ -114,6 +114,8 @@ def test_push_uses_the_env_token_and_never_saves_or_prints_it(tmp_path, monkeypa
             text = f.read_text(encoding="utf-8")
             assert str(tmp_path) not in text and "/work/" not in text and str(Path.cwd()) not in text, f
     assert json.loads((staged / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llama"
+    # The tokenizer goes up byte for byte: its merges ("/", "..") are data, not paths to scrub.
+    assert (staged / "tokenizer.json").read_bytes() == (Path(out) / "tokenizer.json").read_bytes()
     card = (staged / "README.md").read_text(encoding="utf-8")
     for needed in ("base_model: tiny-llama", "korean_safe_sample.jsonl", "alpaca_ko", "r=16", "lr 0.01",
                    "python infer.py --adapter", "AutoPeftModelForCausalLM", "Ollama", "### 응답:"):
