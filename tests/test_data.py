@@ -112,6 +112,6 @@ def test_empty_files_say_they_have_no_rows(tmp_path):
 def test_non_text_in_the_text_column_names_column_and_row():
     ds = Dataset.from_list([{"text": None}, {"text": 7}])  # None is empty (dropped); 7 is the wrong column
     with pytest.raises(UserError, match=r"column 'text' must hold text; 1 row holds something else: row 2 \(a number\)"):
-        prepared(ds, KO, EOS, data_format="text")
+        prepared(ds, prompts.load("none"), EOS, data_format="text")
     with pytest.raises(UserError, match=r"column 'id' must hold text.*row 1 \(a number\)"):  # the user's column
-        prepared(Dataset.from_list([{"id": 3}]), KO, EOS, columns="text=id")
+        prepared(Dataset.from_list([{"id": 3}]), prompts.load("none"), EOS, columns="text=id")

@@ -72,7 +72,7 @@ def test_sharegpt_is_normalised_and_text_gets_eos():
     rows, info = prepared(share, template, "</s>")
     assert info["format"] == "chat" and rows[0]["messages"] == [{"role": "user", "content": "hi"},
                                                                 {"role": "assistant", "content": "yo"}]
-    text, info = prepared(Dataset.from_list([{"text": "plain"}, {"text": ""}]), template, "</s>")
+    text, info = prepared(Dataset.from_list([{"text": "plain"}, {"text": ""}]), prompts.load("none"), "</s>")
     assert info["format"] == "text" and text["text"] == ["plain</s>"] and info["rows_dropped"] == 1
     with pytest.raises(UserError, match="instruction template"):
         prepared(share, prompts.load("alpaca_ko"), "</s>")
