@@ -111,7 +111,7 @@ def train(
       resume: continue from the newest checkpoint in output_dir.
       overwrite: replace a finished run in output_dir.
       save_merged: also write a merged model: 16bit | 4bit (into <output_dir>/merged-<mode>).
-      save_gguf: also export GGUF with Unsloth, e.g. q4_k_m (into <output_dir>/gguf); needs llama.cpp.
+      save_gguf: also export GGUF via llama.cpp, e.g. q4_k_m or f16,q8_0 (<output_dir>/gguf, with a Modelfile).
       push_to_hub: upload the adapter (or the merged model) to this Hub repo; token from HF_TOKEN.
     """
     a = trainer.check_args(locals())
