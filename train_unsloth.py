@@ -141,7 +141,8 @@ def train(
         model = trainer.attach_lora(model, a, choice, plan, extra)
         meter = memory.Meter().start()
         trainer.log_data(info, train_rows, eval_rows, template, plan, world_size)
-        config = trainer.sft_config(a, choice, plan, eval_rows is not None, world_size, info["format"] == "chat")
+        config = trainer.sft_config(a, choice, plan, eval_rows is not None, world_size, info["format"] == "chat",
+                                    head_wrapped=bool(extra))
         stopper = interrupt_callback()  # Ctrl-C / SIGTERM: checkpoint after the current step, then stop
         sft = trainer.build_trainer(model, tokenizer, train_rows, eval_rows, config, a["output_dir"], stopper, choice)
         sampler = trainer.sample_callback(a, choice, template, tokenizer)

@@ -68,7 +68,7 @@ def decode_profile(model, enc, tokens: int, pad_token_id: int, extra: dict) -> d
 
 
 def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: int, out: str,
-           profile_tokens: int = 0):
+           profile_tokens: int = 0, dtype: str = "auto"):
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
 
@@ -80,7 +80,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     # on one machine) already holds its kernels: 62.8 s cold against 23.6 s warm for the 8B shape.
     inductor = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or f"/tmp/torchinductor_{getpass.getuser()}")
     inductor_cache_warm = inductor.is_dir() and any(inductor.iterdir())
-    choice = choose(backend, "auto", cudnn)
+    choice = choose(backend, dtype, cudnn)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     merge_s = None
     if adapter == "lora":
@@ -145,7 +145,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
 
 def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: int = 128, batch: int = 32,
          repeats: int = 3, rounds: int = 1, profile_tokens: int = 0, cache: str = "/tmp/sftkit-bench",
-         out: str = "", worker_timeout: int = 900, baseline: str = "hf"):
+         out: str = "", worker_timeout: int = 900, baseline: str = "hf", dtype: str = "auto"):
     """Benchmark decoding and write JSON.
 
     Args:
@@ -161,6 +161,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
       worker_timeout: seconds after which one variant's process is stopped and recorded as an error.
       baseline: the variant every other one is divided by, within its round (hf-served: the plain recipe's
         inference of a saved adapter).
+      dtype: compute dtype: auto | fp16 (what a T4 decodes in; for the rehearsal under ../shared/gpu/t4.sh) | bf16.
     """
     from shapes import host_info, make_model
     from sftkit.cli import names as listed
@@ -178,7 +179,7 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
             tmp = Path(cache) / f"infer-{b}.json"
             tmp.unlink(missing_ok=True)
             cmd = [sys.executable, __file__, "worker", str(model_dir), b, str(new_tokens), str(batch), str(repeats),
-                   str(tmp), str(profile_tokens)]
+                   str(tmp), str(profile_tokens), dtype]
             log = Path(cache) / f"infer-{b}.log"
             with open(log, "w") as f:
                 try:  # a variant that hangs (e.g. compiling) must not take the others' results with it
@@ -217,7 +218,8 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
     path = Path(out) if out else HERE / "results" / f"infer-{shape}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "shape": shape, "new_tokens": new_tokens,
-                                "batch": batch, "rounds": rounds, "host": host, "results": results, "ratios": ratios},
+                                "batch": batch, "dtype": dtype, "rounds": rounds, "host": host, "results": results,
+                                "ratios": ratios},
                                indent=2))
     print(f"wrote {path}")
 

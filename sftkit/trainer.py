@@ -147,8 +147,9 @@ def longest_row(a: dict, choice, fitted: dict) -> int:
     return fitted["longest_tokens"]
 
 
-def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, chat: bool):
-    """TRL's SFTConfig for this run: the notebook's settings, the plan's split, the backend's checkpointing."""
+def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, chat: bool, head_wrapped: bool = False):
+    """TRL's SFTConfig for this run: the notebook's settings, the plan's split, the backend's checkpointing.
+    `head_wrapped`: peft wraps the embeddings (token rows or whole matrices), lm_head among them."""
     from trl import SFTConfig
 
     save = a["save_steps"]
@@ -169,6 +170,9 @@ def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, cha
         include_num_input_tokens_seen="non_padding",  # the same count on both backends (Unsloth logs no num_tokens)
         # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
         use_cpu=not choice.cuda, ddp_backend="gloo" if world_size > 1 and not choice.cuda else None,
+        # TRL 1.14's default chunked loss multiplies by lm_head.weight itself: it fails on peft's trainable-token
+        # wrapper (no .bias) and would skip the rows peft trains. The plain loss goes through the wrapper.
+        loss_type="nll" if head_wrapped else None,
     )
 
 

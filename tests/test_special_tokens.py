@@ -1,6 +1,8 @@
 """Untrained special-token rows: found for the template's tokens, set to the trained mean, or trained by peft."""
 
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +175,40 @@ def test_unsloth_trains_chat_rows_once_the_rows_are_set(tmp_path):
     trainer.train()
     assert all(h["loss"] == h["loss"] for h in trainer.state.log_history if "loss" in h)
     assert torch.equal(trainer.model.get_input_embeddings().weight[[2, 3, 4]], rows)
+
+
+def test_training_sets_trains_and_ships_the_rows(tmp_path):
+    """Chat data on a model whose control-token rows are zero, through train_unsloth on the plain path: the rows are
+    found and set, both matrices' rows train as trainable tokens (TRL's default chunked loss reads lm_head.weight
+    past peft's wrapper: it failed here), and infer.py's loader gets the trained rows back from the adapter."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import quick_args, write_jsonl
+    from sftkit.generate import open_generator
+    from train_unsloth import train
+
+    def zeroed():
+        model = AutoModelForCausalLM.from_pretrained(TINY)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[[2, 3, 4]] = 0
+        return model
+
+    zeroed().save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답변 {i}"}]}
+            for i in range(8)]
+    out = train(**quick_args(tmp_path, model_name=str(tmp_path / "model"), backend="hf", max_steps=4, save_steps=0,
+                             dataset=write_jsonl(tmp_path / "chat.jsonl", rows)))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["template"] == "llama-3.1-chat" and len(rec["tokens"]["special"]["untrained"]) == 3
+    set_only = zeroed()
+    special_tokens.fix_untrained(set_only, [2, 3, 4])  # the rows before training
+    w = {k.split(".token_adapter")[0].rsplit(".", 1)[-1]: v for k, v in
+         load_file(str(Path(out) / "adapter_model.safetensors")).items() if "trainable_tokens_delta" in k}
+    assert set(w) == {"embed_tokens", "lm_head"}
+    assert not torch.allclose(w["lm_head"], set_only.get_output_embeddings().weight[[2, 3, 4]])  # trained
+    assert w["embed_tokens"].abs().sum(dim=1).gt(0).all()
+    g = open_generator(out, max_new_tokens=4)
+    torch.testing.assert_close(g.model.get_input_embeddings()(torch.tensor([[2, 3, 4]]))[0].float(),
+                               w["embed_tokens"].float())

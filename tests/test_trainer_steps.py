@@ -60,6 +60,9 @@ def test_sft_config_on_a_cpu(tmp_path):
     assert config.use_cpu and config.ddp_backend is None and not config.bf16 and not config.fp16
     assert config.eval_strategy == "steps" and config.eval_steps == 20 and config.save_steps == 20
     assert config.completion_only_loss is False and config.assistant_only_loss is False  # --train_on_inputs
+    assert config.loss_type == "chunked_nll"  # TRL's memory-saving default, where nothing wraps lm_head
+    wrapped = trainer.sft_config(a, CPU, trainer.Plan(2, 4, True), True, 1, chat=True, head_wrapped=True)
+    assert wrapped.loss_type == "nll"  # trainable token rows / --train_embeddings: the loss must go through peft
 
 
 def test_a_fast_plan_changes_only_the_local_split():

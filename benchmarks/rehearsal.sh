@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The T4 rehearsal of issue 17, on the GPU machine, in named stages (several may be given, run in order):
+#
+#   bash benchmarks/rehearsal.sh build train-a        # 8B model, then notebook/fast/packing + a second headline pair
+#   bash benchmarks/rehearsal.sh train-b tests         # third headline pair with the 60-step job, then GPU tests
+#   bash benchmarks/rehearsal.sh infer                 # decoding: plain generate, for_inference, --cuda_graphs
+#
+# Run after the bundle prefix of ../shared/gpu/prefix.txt, with `.gpu/` carried: .gpu/t4.sh (a copy of
+# ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for `tests`, .gpu/fixture (the real
+# Llama 3.1 tokenizer) and .gpu/llamacpp.tar.gz (llama-cpp-python built with GGML_NATIVE=OFF and its converter).
+# Results go to $OUT (JSON after every variant, so a stage cut short keeps what it measured).
+set -u -o pipefail
+OUT=${OUT:-benchmarks/results}
+CACHE=${CACHE:-/tmp/sftkit-bench}
+T4="bash .gpu/t4.sh"
+train() {  # one invocation: every variant side by side, fp16 as on a T4
+  local name=$1; shift
+  $T4 python3 benchmarks/bench_train.py --shape llama-3.1-8b --dtype fp16 --steps 8 --warmup 3 --seq_lens "" \
+    --cache "$CACHE" --out "$OUT/train-8b-t4-$name.json" "$@" 2>&1 | tee "$OUT/train-8b-t4-$name.log" | grep -v '^{'
+}
+for stage in "$@"; do
+  echo "== $stage $(date -u +%T)"
+  case $stage in
+    build)  # bare: an 8B model initialised in fp32 needs 32 GB, over the rehearsal's cap
+      python3 -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks'); from shapes import make_model
+make_model('llama-3.1-8b', Path('$CACHE'))" ;;
+    train-a)  # the notebook config on both backends, --fast, --packing, --fast --packing; then the pair again
+      train 1 --backends unsloth,hf,unsloth-fast,unsloth-packing,unsloth-fast-packing --fast False
+      train 2 --backends unsloth,hf --fast False ;;
+    train-b)  # the pair a third time, Unsloth for the notebook job's 60 steps (wall time, load to save)
+      train 3 --backends unsloth@60,hf --fast False ;;
+    infer)  # batch 1 and 32, fp16; the compiled variant may compile twice (each batch size)
+      $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
+        --backends hf-served,unsloth-served,hf-graphs --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
+        --worker_timeout 330 --out "$OUT/infer-8b-t4.json" 2>&1 | tee "$OUT/infer-8b-t4.log" | grep -v '^{' ;;
+    tests)  # GPU tests not yet run where users are, and the bare re-run after the redesign
+      mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc
+      export PYTHONPATH=$PYTHONPATH:/tmp/lc/site LLAMA_CPP_DIR=/tmp/lc/conv LLAMA31_TOKENIZER=$PWD/.gpu/fixture
+      SFTKIT_TEST_DTYPE=fp16 timeout 240 $T4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+        -k "compiled_decoding" 2>&1 | tee "$OUT/tests-t4-compiled.log" | tail -40
+      timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tokens.py \
+        -k "compiled or cuda_graphs or gguf or tokens" 2>&1 | tee "$OUT/tests-bare.log" | tail -40 ;;
+    *) echo "unknown stage $stage (build, train-a, train-b, infer, tests)"; exit 2 ;;
+  esac
+done

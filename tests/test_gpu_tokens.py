@@ -1,0 +1,101 @@
+"""Special tokens on the GPU, on the real Llama 3.1 tokenizer: the rows a base model never trained, carried by an
+adapter trained through Unsloth and loaded back through Unsloth; and the stop ids only the generation config lists,
+in the modes that exist only on a GPU (--cuda_graphs) or decode through Unsloth (--compare_base)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_fixture, quick_args, real_tokenizer_model, write_jsonl
+
+pytestmark = [pytest.mark.gpu, needs_fixture]
+ROOT = Path(__file__).resolve().parent.parent
+HEADERS_EOT = [128006, 128007, 128009]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
+QUESTION = "비밀번호는 어떻게 만들까요?"
+
+
+def base_with_untrained_rows(out: Path) -> str:
+    """The base layout (no chat template) with its chat control-token rows as in the real base model: zero input
+    rows, output rows one repeated vector."""
+    from safetensors.torch import load_file, save_file
+
+    path = real_tokenizer_model("base-meta", out)
+    w = load_file(str(Path(path) / "model.safetensors"))
+    w["model.embed_tokens.weight"][HEADERS_EOT] = 0
+    w["lm_head.weight"][HEADERS_EOT] = w["lm_head.weight"][5].clone()
+    save_file(w, str(Path(path) / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_unsloth(tmp_path):
+    """Chat data on a base model through Unsloth: the untrained rows are found, set and trained as trainable
+    tokens; infer.py's loader (Unsloth again, base rows zero on disk) gets them back from the adapter and answers."""
+    from sftkit.generate import open_generator
+    from train_unsloth import train
+
+    model = base_with_untrained_rows(tmp_path / "model")
+    rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답변 {i}"}]}
+            for i in range(16)]
+    out = train(**quick_args(tmp_path, model_name=model, dataset=write_jsonl(tmp_path / "d.jsonl", rows),
+                             backend="unsloth", max_steps=6, max_seq_length=256, save_steps=0))
+    rec = json.loads((Path(out) / "run.json").read_text())
+    assert rec["template"] == "llama-3.1-chat" and rec["backend"]["backend"] == "unsloth"
+    assert set(rec["tokens"]["special"]["untrained"]) >= {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
+    g = open_generator(out, max_new_tokens=8)
+    assert g.choice.backend == "unsloth"
+    emb = g.model.get_input_embeddings()
+    got = emb(torch.tensor([HEADERS_EOT], device=g.device))[0].float()
+    assert (got.abs().sum(dim=1) > 0).all()  # from the adapter: the base's rows on disk are zero
+    answer = g.answer("질문 3")
+    print(answer)
+    assert answer["stopped"] in ("eos", "length") and answer["tokens"] <= 8
+
+
+def run_folder_on(base: str, run: Path) -> str:
+    """A run folder whose adapter starts as the identity (LoRA B = 0), on a model trained to stop at one id."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftkit import prompts
+    from sftkit.runfolder import RunFolder
+    from sftkit.runrecord import RunRecord
+
+    template = prompts.from_tokenizer(AutoTokenizer.from_pretrained(base))
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    adapter.save_pretrained(run)
+    RunFolder(run).save(RunRecord(status="finished", args={"model_name": base, "max_seq_length": 256,
+                                                           "load_in_4bit": False},
+                                  model_path=base, template=template.name, template_kind="chat",
+                                  template_text=template.text))
+    return str(run)
+
+
+def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_lists(tmp_path):
+    """A model trained to answer and then emit <|eom_id|> (128008, not the tokenizer's EOS): infer.py stops
+    there with --cuda_graphs (a batch file, compiled decoding) and with --compare_base (through Unsloth)."""
+    from test_stop_tokens import trained_to_stop_with
+
+    run = run_folder_on(trained_to_stop_with(128008, tmp_path / "m"), tmp_path / "run")
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": QUESTION}] * 3)
+    dst = tmp_path / "a.jsonl"
+    done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", run, "--input_file", str(src),
+                           "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "20", "--cuda_graphs"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "decoding through CUDA graphs" in done.stderr
+    answers = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
+    assert [(a["answer"], a["stopped"]) for a in answers] == [("네", "eos")] * 3, answers
+    cmp = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", run, "--instruction", QUESTION,
+                          "--max_new_tokens", "20", "--compare_base"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    print(cmp.stdout[-800:])
+    assert "unsloth" in cmp.stderr.lower()  # auto on a GPU: Unsloth's fast generation
+    # both answers (adapter off, then on, each under its === header) are exactly the trained word: nothing past
+    # the stop id
+    answers = [line.strip() for line in cmp.stdout.splitlines() if line.strip() and not line.startswith("===")]
+    assert answers[-2:] == ["네", "네"], cmp.stdout[-800:]
