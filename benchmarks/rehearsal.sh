@@ -36,9 +36,9 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
     tests)  # GPU tests not yet run where users are, and the bare re-run after the redesign
       mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc
       export PYTHONPATH=$PYTHONPATH:/tmp/lc/site LLAMA_CPP_DIR=/tmp/lc/conv LLAMA31_TOKENIZER=$PWD/.gpu/fixture
-      SFTKIT_TEST_DTYPE=fp16 timeout 240 $T4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+      SFTKIT_TEST_DTYPE=fp16 timeout 150 $T4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
         -k "compiled_decoding" 2>&1 | tee "$OUT/tests-t4-compiled.log" | tail -40
-      timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tokens.py \
+      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tokens.py \
         -k "compiled or cuda_graphs or gguf or tokens" 2>&1 | tee "$OUT/tests-bare.log" | tail -40 ;;
     *) echo "unknown stage $stage (build, train-a, train-b, infer, tests)"; exit 2 ;;
   esac

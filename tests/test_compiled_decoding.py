@@ -68,3 +68,10 @@ def test_a_quantizer_transformers_cannot_compile_stays_eager(caplog):
     with caplog.at_level(logging.INFO, logger="sftkit"):
         assert compiled_decoding(model, max_cache_len=64) == {}
     assert "does not compile SimpleNamespace models, so decoding stays eager" in caplog.text
+
+
+def test_cuda_graphs_compile_only_on_gpus_where_they_were_checked():
+    from sftkit.generate import graphs_verified
+
+    assert graphs_verified((9, 0)) and graphs_verified((8, 0)) and graphs_verified((8, 9))  # H100/H200, A100, L4
+    assert not graphs_verified((7, 5)) and not graphs_verified((7, 0))  # T4, V100: decode eagerly

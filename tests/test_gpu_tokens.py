@@ -3,6 +3,7 @@ adapter trained through Unsloth and loaded back through Unsloth; and the stop id
 in the modes that exist only on a GPU (--cuda_graphs) or decode through Unsloth (--compare_base)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -77,9 +78,16 @@ def run_folder_on(base: str, run: Path) -> str:
 def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_lists(tmp_path):
     """A model trained to answer and then emit <|eom_id|> (128008, not the tokenizer's EOS): infer.py stops
     there with --cuda_graphs (a batch file, compiled decoding) and with --compare_base (through Unsloth)."""
-    from test_stop_tokens import trained_to_stop_with
-
-    run = run_folder_on(trained_to_stop_with(128008, tmp_path / "m"), tmp_path / "run")
+    # Trained in a process of its own: Unsloth, imported by other GPU tests, has patched transformers' Llama in this
+    # one with kernels that take CUDA tensors only (the first run here failed so, in the helper, not in infer.py).
+    made = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                           "from test_stop_tokens import trained_to_stop_with; from test_gpu_tokens import run_folder_on; "
+                           "print(run_folder_on(trained_to_stop_with(128008, sys.argv[1]), Path(sys.argv[2])))",
+                           str(tmp_path / "m"), str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=Path(__file__).parent, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])})
+    assert made.returncode == 0, made.stderr[-3000:]
+    run = made.stdout.strip().splitlines()[-1]
     src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": QUESTION}] * 3)
     dst = tmp_path / "a.jsonl"
     done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", run, "--input_file", str(src),
