@@ -292,6 +292,10 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
     import subprocess
     import sys
 
+    import torch
+
+    from sftkit.generate import graphs_verified
+
     root = Path(__file__).resolve().parent.parent
     rows = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:5]]
     src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": r["instruction"]} for r in rows])
@@ -304,7 +308,9 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
                                *extra], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         answers[name] = [json.loads(line)["answer"] for line in dst.read_text(encoding="utf-8").splitlines()]
-        if name == "graphs":  # and transformers did not fall back to eager decoding
+        if name == "graphs" and not graphs_verified(torch.cuda.get_device_capability()):  # a T4: eager, said
+            assert "it decodes eagerly, as without it" in done.stderr
+        elif name == "graphs":  # and transformers did not fall back to eager decoding
             assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr
     print(answers)
     assert len(answers["graphs"]) == 5 and answers["graphs"] == answers["eager"]

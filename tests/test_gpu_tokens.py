@@ -94,7 +94,10 @@ def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_l
                            "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "20", "--cuda_graphs"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "decoding through CUDA graphs" in done.stderr
+    from sftkit.generate import graphs_verified
+
+    compiled = graphs_verified(torch.cuda.get_device_capability())  # a T4 decodes eagerly, and says so
+    assert ("decoding through CUDA graphs" if compiled else "it decodes eagerly, as without it") in done.stderr
     answers = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert [(a["answer"], a["stopped"]) for a in answers] == [("네", "eos")] * 3, answers
     cmp = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", run, "--instruction", QUESTION,
