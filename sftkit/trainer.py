@@ -40,6 +40,8 @@ def check_args(args: dict) -> dict:
     if not args["target_modules"]:
         raise UserError("--target_modules names no layer: pass a comma-separated list, e.g. q_proj,v_proj.")
     checks.numbers(args)
+    if args["group_by_length"] and args["packing"]:
+        raise UserError("--group_by_length groups rows to pad less, and --packing rows are not padded: drop one.")
     if args["sample_prompts"] not in ("", "none"):
         samples.read_prompts_file(args["sample_prompts"])  # a missing or bad file fails now, not at the first save
     return args
@@ -131,14 +133,10 @@ def plan_batches(a: dict, choice, longest: int, world_size: int, planner=fastpla
                    asked.checkpointing, choice, packed=a["packing"], world=world_size,
                    train_embeddings=a["train_embeddings"])
     fast.update(requested=[asked.per_device, asked.accum], longest_row=longest)
-    # A micro-batch is padded to its longest row: in the T4 rehearsal (8B shape) fast mode's batches of 8 random rows
-    # computed 2.01 tokens per real one against 1.32 for the notebook's pairs, eating most of its gain. Rows of like
-    # length batched together (transformers' length-grouped sampler) pad about 1.09x. Packed rows have no padding.
-    fast["group_by_length"] = not a["packing"] and fast["per_device_train_batch_size"] > 1
-    log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d)%s%s: %s", fast["per_device_train_batch_size"],
+    log.info("fast mode: micro-batch %d x accumulation %d (was %d x %d)%s: %s", fast["per_device_train_batch_size"],
              fast["gradient_accumulation_steps"], asked.per_device, asked.accum,
              f", gradient checkpointing {'on' if fast['gradient_checkpointing'] else 'off'}" if choice.cuda else "",
-             ", rows of like length batched together" if fast["group_by_length"] else "", fast["reason"])
+             fast["reason"])
     return Plan(fast["per_device_train_batch_size"], fast["gradient_accumulation_steps"],
                 fast["gradient_checkpointing"], fast)
 
@@ -171,7 +169,10 @@ def sft_config(a: dict, choice, plan: Plan, has_eval: bool, world_size: int, cha
         eval_strategy="steps" if has_eval else "no",
         eval_steps=max(a["logging_steps"], save or 10) if has_eval else None,
         report_to=checks.report_to(a["report_to"]), ddp_find_unused_parameters=False, dataset_num_proc=None,
-        train_sampling_strategy="group_by_length" if (plan.fast or {}).get("group_by_length") else "random",
+        # A micro-batch is padded to its longest row. In the T4 rehearsal (8B shape) fast mode's batches of 8 random
+        # rows computed 2.01 tokens per real one against 1.32 for the notebook's pairs; transformers' length-grouped
+        # sampler pads about 1.09x, but changes which rows share a step, so it is the user's choice.
+        train_sampling_strategy="group_by_length" if a["group_by_length"] else "random",
         include_num_input_tokens_seen="non_padding",  # the same count on both backends (Unsloth logs no num_tokens)
         # On a CPU, say so: accelerate then runs torchrun ranks as gloo DDP instead of independent copies.
         use_cpu=not choice.cuda, ddp_backend="gloo" if world_size > 1 and not choice.cuda else None,

@@ -82,34 +82,28 @@ def test_a_fast_plan_changes_only_the_local_split():
     assert trainer.plan_batches(args(), GPU_UNSLOTH, 700, 1, planner=planner) == trainer.Plan(2, 4, True)
 
 
-def test_fast_mode_batches_rows_of_like_length(tmp_path):
-    """Fast mode's larger micro-batches are padded to their longest row; grouped by length (what its plan asks of
-    the trainer) they pad far less than in random order. Measured on the dataloader TRL builds."""
+def test_group_by_length_batches_rows_of_like_length(tmp_path):
+    """--group_by_length: micro-batches of rows of like length pad far less than in random order. Measured on the
+    dataloader TRL builds, at fast mode's 8 x 1 (which alone keeps each step's rows, and so its padding)."""
     from transformers import AutoModelForCausalLM, TrainerCallback
 
     from conftest import SAMPLE, prepared
     from sftkit.data import load_dataset_any
 
-    def planner(*_, **kw):
-        return {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "gradient_checkpointing": False,
-                "reason": "fits"}
-
     tok = AutoTokenizer.from_pretrained(TINY)
     rows, _ = prepared(load_dataset_any(str(SAMPLE)), prompts.load("alpaca_ko"), tok.eos_token)
-    a = args(fast=True, output_dir=str(tmp_path))
-    grouped = trainer.plan_batches(a, GPU_UNSLOTH, 700, 1, planner=planner)
-    assert grouped.fast["group_by_length"]
-    assert not trainer.plan_batches(args(fast=True, packing=True), GPU_UNSLOTH, 700, 1,
-                                    planner=planner).fast["group_by_length"]  # packed rows are not padded
     padding = {}
-    for name, plan in (("grouped", grouped), ("random", trainer.Plan(8, 1, False))):
-        config = trainer.sft_config(a, CPU, plan, False, 1, chat=False)
+    for grouped in (True, False):
+        a = args(output_dir=str(tmp_path), group_by_length=grouped)
+        config = trainer.sft_config(a, CPU, trainer.Plan(8, 1, False), False, 1, chat=False)
         sft = trainer.build_trainer(AutoModelForCausalLM.from_pretrained(TINY), tok, rows, None, config,
                                     str(tmp_path), TrainerCallback(), CPU)
         masks = [batch["attention_mask"] for batch in sft.get_train_dataloader()]
-        padding[name] = sum(m.numel() for m in masks) / sum(m.sum().item() for m in masks)
+        padding[grouped] = sum(m.numel() for m in masks) / sum(m.sum().item() for m in masks)
     print(padding)
-    assert padding["grouped"] < 1.1 and padding["random"] > 1.2  # measured 1.08 and 1.29 on the Korean sample
+    assert padding[True] < 1.1 and padding[False] > 1.2  # measured 1.08 and 1.29 on the Korean sample
+    with pytest.raises(UserError, match="--packing rows are not padded: drop one"):
+        trainer.check_args(args(group_by_length=True, packing=True))
 
 
 def test_the_record_names_the_tokens_the_run_trained_with():
