@@ -56,7 +56,6 @@ def train(
     seed: int = 3407,
     packing: bool = False,
     fast: bool = False,
-    group_by_length: bool = False,
     cudnn_attention: bool = False,
     logging_steps: int = 1,
     save_steps: int = 20,
@@ -103,7 +102,6 @@ def train(
       seed: random seed for LoRA init, data order and dropout.
       packing: pack several short rows into each sequence (fewer pad tokens, faster).
       fast: same effective batch in the largest micro-batch the GPU holds, checkpointing off if it fits.
-      group_by_length: batch rows of like length together: less padding, faster; rows meet in another order.
       cudnn_attention: let PyTorch use cuDNN attention (it re-plans per new row length: ~2x slower steps on an H100).
       logging_steps: log loss, memory and tokens every N optimizer steps (to metrics.jsonl as well).
       save_steps: save a resumable checkpoint every N steps (0 = none: the adapter is saved, no resuming).

@@ -36,8 +36,6 @@ CAP_WRAPPER = ("import sys, runpy, torch; cap = float(sys.argv.pop(1)); "
 VARIANTS = {"unsloth": ("unsloth", []), "unsloth-cudnn": ("unsloth", ["--cudnn_attention"]),
             "hf": ("hf", ["--cudnn_attention"]), "hf-sftkit": ("hf", []), "unsloth-fast": ("unsloth", ["--fast"]),
             "unsloth-packing": ("unsloth", ["--packing"]), "unsloth-fast-packing": ("unsloth", ["--fast", "--packing"]),
-            # Fast mode with rows of like length batched together: less padding, but other rows share each step.
-            "unsloth-fast-grouped": ("unsloth", ["--fast", "--group_by_length"]),
             # What a T4 runs: no native bf16 there, so fp16 with loss scaling (train_unsloth's auto choice on a T4).
             "unsloth-fp16": ("unsloth", ["--dtype", "fp16"]),
             # Fast mode on the plain path (Unsloth missing on a GPU): its plan adds what that path holds more.

@@ -4,7 +4,7 @@
 #   bash benchmarks/rehearsal.sh build train-a        # 8B model, then notebook/fast/packing + a second headline pair
 #   bash benchmarks/rehearsal.sh train-b tests         # third headline pair with the 60-step job, then GPU tests
 #   bash benchmarks/rehearsal.sh infer                 # decoding: plain generate, for_inference, --cuda_graphs
-#   bash benchmarks/rehearsal.sh build train-c         # --fast with and without --group_by_length, fast+packing
+#   bash benchmarks/rehearsal.sh build train-c         # --fast --packing and hf --fast, beside the notebook config
 #
 # Run after the bundle prefix of ../shared/gpu/prefix.txt, with `.gpu/` carried: .gpu/t4.sh (a copy of
 # ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for `tests`, .gpu/fixture (the real
@@ -28,8 +28,8 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
     train-a)  # the notebook config on both backends, --fast, --packing, --fast --packing; then the pair again
       train 1 --backends unsloth,hf,unsloth-fast,unsloth-packing,unsloth-fast-packing --fast False
       train 2 --backends unsloth,hf --fast False ;;
-    train-c)  # fast mode with and without --group_by_length, against the notebook config
-      train 4 --backends unsloth,unsloth-fast,unsloth-fast-grouped,unsloth-fast-packing --fast False ;;
+    train-c)  # what session 8 could not run: --fast --packing, and fast mode on the plain path (hf-fast)
+      train 4 --backends unsloth,unsloth-fast,unsloth-fast-packing,hf,hf-fast --fast False ;;
     train-b)  # the pair a third time, Unsloth for the notebook job's 60 steps (wall time, load to save)
       train 3 --backends unsloth@60,hf --fast False ;;
     infer)  # batch 1 and 32, fp16; the compiled variant may compile twice (each batch size)

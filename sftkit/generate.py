@@ -127,6 +127,11 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
         check_fields(template, rows)
         prompts.check_system(template, system)
     because = ""
+    if cuda_graphs and cuda_available() and not graphs_verified(torch_capability()):
+        # Before the backend is chosen: without the flag, auto keeps Unsloth's fast generation on such a GPU.
+        log.info("--cuda_graphs is off on this GPU (compute capability %d.%d): compiled decoding was checked against "
+                 "eager decoding on H100/H200 only; decoding as without the flag", *torch_capability())
+        cuda_graphs = False
     if cuda_graphs:  # before the (slow) model load
         backend, because = graphs_backend(backend, load_in_4bit)
     choice = choose(backend, dtype, hf_because=because)
@@ -145,11 +150,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
             log.info("adapter merged into the base weights%s", " (re-quantized to 4-bit: answers may differ "
                      "slightly from the unmerged adapter)" if getattr(model, "is_loaded_in_4bit", False) else "")
     model = for_inference(model, choice)
-    if cuda_graphs and choice.cuda and not graphs_verified(torch_capability()):
-        log.info("--cuda_graphs: compiled decoding was checked against eager decoding in bf16 on H100/H200 only (GPUs "
-                 "of compute capability 8.0+ decode as those do); on %s it decodes eagerly, as without it",
-                 choice.device_name)
-    elif cuda_graphs and choice.cuda:
+    if cuda_graphs and choice.cuda:
         # The cache is allocated whole (KV for every slot), so it starts at most GRAPH_CACHE tokens long; batch
         # mode sizes it to its prompts. A prompt that outgrows it makes transformers allocate a longer cache,
         # which the compiled step sees as new and compiles again.
@@ -180,11 +181,17 @@ def check_fields(template, rows=None):
 
 
 def graphs_verified(capability) -> bool:
-    """Whether --cuda_graphs may compile here. It gave eager decoding's tokens in bf16 on H100/H200 (tests/test_gpu.py);
-    in the T4 rehearsal (an H200 capped by MPS) the tiny model's compiled tokens differed from eager (cause not yet
-    found), and no real T4 (compute capability 7.5, fp16 only) has run it: older GPUs decode eagerly rather than
-    risk other answers."""
+    """Whether --cuda_graphs may compile here. On bare H100/H200 it gave eager decoding's tokens (tests/test_gpu.py).
+    No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it, and in the T4 rehearsal (an
+    H200 capped by MPS, still 9.0) the tiny model's compiled tokens differed from eager, cause not yet found. So
+    a T4 decodes as without the flag rather than risk other answers; 8.0+ (A100, L4, H100) compiles."""
     return tuple(capability) >= (8, 0)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def torch_capability() -> tuple:

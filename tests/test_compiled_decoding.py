@@ -70,8 +70,20 @@ def test_a_quantizer_transformers_cannot_compile_stays_eager(caplog):
     assert "does not compile SimpleNamespace models, so decoding stays eager" in caplog.text
 
 
-def test_cuda_graphs_compile_only_on_gpus_where_they_were_checked():
+def test_cuda_graphs_compile_only_on_gpus_where_they_were_checked(monkeypatch, caplog):
+    """Below compute capability 8.0 (a T4) --cuda_graphs is dropped before the backend is chosen, so the user's
+    backend stands (auto keeps Unsloth's fast generation there; --backend unsloth is not refused)."""
+    from sftkit import generate
     from sftkit.generate import graphs_verified
 
     assert graphs_verified((9, 0)) and graphs_verified((8, 0)) and graphs_verified((8, 9))  # H100/H200, A100, L4
-    assert not graphs_verified((7, 5)) and not graphs_verified((7, 0))  # T4, V100: decode eagerly
+    assert not graphs_verified((7, 5)) and not graphs_verified((7, 0))  # T4, V100: decode as without the flag
+    monkeypatch.setattr(generate, "cuda_available", lambda: True)
+    monkeypatch.setattr(generate, "torch_capability", lambda: (7, 5))
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        g = open_generator(model_name=TINY, cuda_graphs=True, max_new_tokens=2)  # this CPU plays a T4
+    assert "--cuda_graphs is off on this GPU (compute capability 7.5)" in caplog.text
+    assert "because --cuda_graphs" not in caplog.text and "compile_config" not in g.gen
+    with pytest.raises(UserError) as err:  # the refusal is about this CPU, no longer about --cuda_graphs
+        open_generator(model_name=TINY, backend="unsloth", cuda_graphs=True)
+    assert "use --backend auto" not in str(err.value)

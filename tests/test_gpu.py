@@ -309,7 +309,7 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
         assert done.returncode == 0, done.stderr[-3000:]
         answers[name] = [json.loads(line)["answer"] for line in dst.read_text(encoding="utf-8").splitlines()]
         if name == "graphs" and not graphs_verified(torch.cuda.get_device_capability()):  # a T4: eager, said
-            assert "it decodes eagerly, as without it" in done.stderr
+            assert "--cuda_graphs is off on this GPU" in done.stderr
         elif name == "graphs":  # and transformers did not fall back to eager decoding
             assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr
     print(answers)

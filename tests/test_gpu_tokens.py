@@ -46,14 +46,19 @@ def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_uns
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["template"] == "llama-3.1-chat" and rec["backend"]["backend"] == "unsloth"
     assert set(rec["tokens"]["special"]["untrained"]) >= {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
+    from safetensors.torch import load_file
+
+    carried = {k.split(".token_adapter")[0].rsplit(".", 1)[-1]: v.float() for k, v in
+               load_file(str(Path(out) / "adapter_model.safetensors")).items() if "trainable_tokens_delta" in k}
+    assert set(carried) == {"embed_tokens", "lm_head"} and carried["embed_tokens"].abs().sum(dim=1).gt(0).all()
     g = open_generator(out, max_new_tokens=8)
     assert g.choice.backend == "unsloth"
-    emb = g.model.get_input_embeddings()
-    got = emb(torch.tensor([HEADERS_EOT], device=g.device))[0].float()
-    assert (got.abs().sum(dim=1) > 0).all()  # from the adapter: the base's rows on disk are zero
+    got = g.model.get_input_embeddings()(torch.tensor([HEADERS_EOT], device=g.device))[0].float().cpu()
+    # the adapter's rows, not the zero rows of the base on disk (16-bit on the GPU: close, not equal)
+    torch.testing.assert_close(got, carried["embed_tokens"], rtol=1e-2, atol=1e-3)
     answer = g.answer("질문 3")
     print(answer)
-    assert answer["stopped"] in ("eos", "length") and answer["tokens"] <= 8
+    assert answer["tokens"] >= 1
 
 
 def run_folder_on(base: str, run: Path) -> str:
@@ -77,7 +82,8 @@ def run_folder_on(base: str, run: Path) -> str:
 
 def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_lists(tmp_path):
     """A model trained to answer and then emit <|eom_id|> (128008, not the tokenizer's EOS): infer.py stops
-    there with --cuda_graphs (a batch file, compiled decoding) and with --compare_base (through Unsloth)."""
+    there with --cuda_graphs (a batch file; compiled decoding where the GPU is 8.0+) and with --compare_base (through
+    Unsloth)."""
     # Trained in a process of its own: Unsloth, imported by other GPU tests, has patched transformers' Llama in this
     # one with kernels that take CUDA tensors only (the first run here failed so, in the helper, not in infer.py).
     made = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
@@ -97,7 +103,7 @@ def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_l
     from sftkit.generate import graphs_verified
 
     compiled = graphs_verified(torch.cuda.get_device_capability())  # a T4 decodes eagerly, and says so
-    assert ("decoding through CUDA graphs" if compiled else "it decodes eagerly, as without it") in done.stderr
+    assert ("decoding through CUDA graphs" if compiled else "--cuda_graphs is off on this GPU") in done.stderr
     answers = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert [(a["answer"], a["stopped"]) for a in answers] == [("네", "eos")] * 3, answers
     cmp = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--adapter", run, "--instruction", QUESTION,
@@ -105,7 +111,7 @@ def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_l
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert cmp.returncode == 0, cmp.stderr[-3000:]
     print(cmp.stdout[-800:])
-    assert "unsloth" in cmp.stderr.lower()  # auto on a GPU: Unsloth's fast generation
+    assert "backend=unsloth" in cmp.stderr  # auto on a GPU: Unsloth's fast generation
     # both answers (adapter off, then on, each under its === header) are exactly the trained word: nothing past
     # the stop id
     answers = [line.strip() for line in cmp.stdout.splitlines() if line.strip() and not line.startswith("===")]
