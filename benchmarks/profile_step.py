@@ -18,7 +18,7 @@ sys.path.insert(0, str(HERE))
 
 
 def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str = "auto", extra: str = "",
-         out: str = "", checkpointing: bool = True):
+         out: str = "", checkpointing: bool = True, dtype: str = "auto", top: int = 8):
     """Profile one optimizer step (the last of `steps`) for each config.
 
     Args:
@@ -29,6 +29,8 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
       extra: JSON of further SFTConfig fields for configs marked with a '+' (e.g. 8x1+), to test one setting.
       out: JSON path for the results.
       checkpointing: Unsloth's offloaded gradient checkpointing (fast mode turns it off where memory allows).
+      dtype: auto | fp16 (a T4's, for the rehearsal under ../shared/gpu/t4.sh) | bf16.
+      top: how many of the kernels that took the most GPU time to list per config.
     """
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
@@ -41,7 +43,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     from shapes import parse_config, prepared_rows, profiler_counts
     from sftkit.cli import names as listed
 
-    choice = choose(backend, "auto")
+    choice = choose(backend, dtype)
     model, tok, _ = load_model(model_dir, 2048, choice, load_in_4bit=True)
     model = add_lora(model, choice, 16, 16, 0.0, list(estimate.MODULES), checkpointing, 3407, True)
     rows = prepared_rows(Path("/tmp/sftkit-bench/profile.jsonl"), 256, tok)
@@ -78,13 +80,13 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=args, callbacks=[cb])
         res = trainer.train()
         gpu_us, launches, _ = profiler_counts(cb.prof.events())
-        top = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:8]
+        heaviest = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:top]
         r = {"config": cfg, "extra": more, "wall_s": round(cb.wall, 3), "gpu_kernel_s": round(gpu_us / 1e6, 3),
              "gpu_busy_pct": round(100 * gpu_us / 1e6 / cb.wall, 1), "kernel_launches": launches,
              "cpu_us_per_launch": round(cb.wall * 1e6 / max(launches, 1), 1), "tokens": cb.tokens,
              "tokens_per_s": round(cb.tokens / cb.wall, 1),
              "avg_step_s_all_steps": round(res.metrics["train_runtime"] / steps, 3),
-             "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in top]}
+             "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in heaviest]}
         results.append(r)
         print(json.dumps(r), flush=True)
         del trainer

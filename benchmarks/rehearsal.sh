@@ -5,6 +5,7 @@
 #   bash benchmarks/rehearsal.sh train-b tests         # third headline pair with the 60-step job, then GPU tests
 #   bash benchmarks/rehearsal.sh infer                 # decoding: plain generate, for_inference, --cuda_graphs
 #   bash benchmarks/rehearsal.sh build train-c         # --fast --packing and hf --fast, beside the notebook config
+#   bash benchmarks/rehearsal.sh build profile         # one profiled step at 2 x 4 and 8 x 1 (fast mode's split)
 #
 # Run after the bundle prefix of ../shared/gpu/prefix.txt, with `.gpu/` carried: .gpu/t4.sh (a copy of
 # ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for `tests`, .gpu/fixture (the real
@@ -32,6 +33,9 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
       train 4 --backends unsloth,unsloth-fast,unsloth-fast-packing,hf,hf-fast --fast False ;;
     train-b)  # the pair a third time, Unsloth for the notebook job's 60 steps (wall time, load to save)
       train 3 --backends unsloth@60,hf --fast False ;;
+    profile)  # where a fast-mode step's time goes under the cap (issue 17: --fast reached 1.23x, not 1.5x)
+      $T4 python3 benchmarks/profile_step.py --model_dir "$CACHE/llama-3.1-8b" --configs 2x4,8x1 --dtype fp16 \
+        --top 20 --out "$OUT/profile-8b-t4.json" 2>&1 | tail -40 ;;
     infer)  # batch 1 and 32, fp16; the compiled variant may compile twice (each batch size)
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
         --backends hf-served,unsloth-served,hf-graphs --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
@@ -43,6 +47,6 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
         -k "compiled_decoding" 2>&1 | tee "$OUT/tests-t4-compiled.log" | tail -40
       timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tokens.py \
         -k "compiled or cuda_graphs or gguf or tokens" 2>&1 | tee "$OUT/tests-bare.log" | tail -40 ;;
-    *) echo "unknown stage $stage (build, train-a, train-b, train-c, infer, tests)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, tests)"; exit 2 ;;
   esac
 done
