@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from conftest import needs_fixture, quick_args, real_tokenizer_model, write_jsonl
+from test_stop_tokens import QUESTION
 
 pytestmark = [pytest.mark.gpu, needs_fixture]
 ROOT = Path(__file__).resolve().parent.parent
 HEADERS_EOT = [128006, 128007, 128009]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
-QUESTION = "비밀번호는 어떻게 만들까요?"
 
 
 def base_with_untrained_rows(out: Path) -> str:
@@ -61,25 +61,6 @@ def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_uns
     assert answer["tokens"] >= 1
 
 
-def run_folder_on(base: str, run: Path) -> str:
-    """A run folder whose adapter starts as the identity (LoRA B = 0), on a model trained to stop at one id."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftkit import prompts
-    from sftkit.runfolder import RunFolder
-    from sftkit.runrecord import RunRecord
-
-    template = prompts.from_tokenizer(AutoTokenizer.from_pretrained(base))
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
-    adapter.save_pretrained(run)
-    RunFolder(run).save(RunRecord(status="finished", args={"model_name": base, "max_seq_length": 256,
-                                                           "load_in_4bit": False},
-                                  model_path=base, template=template.name, template_kind="chat",
-                                  template_text=template.text))
-    return str(run)
-
-
 def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_lists(tmp_path):
     """A model trained to answer and then emit <|eom_id|> (128008, not the tokenizer's EOS): infer.py stops
     there with --cuda_graphs (a batch file; compiled decoding where the GPU is 8.0+) and with --compare_base (through
@@ -87,7 +68,7 @@ def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_l
     # Trained in a process of its own: Unsloth, imported by other GPU tests, has patched transformers' Llama in this
     # one with kernels that take CUDA tensors only (the first run here failed so, in the helper, not in infer.py).
     made = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
-                           "from test_stop_tokens import trained_to_stop_with; from test_gpu_tokens import run_folder_on; "
+                           "from test_stop_tokens import run_folder_on, trained_to_stop_with; "
                            "print(run_folder_on(trained_to_stop_with(128008, sys.argv[1]), Path(sys.argv[2])))",
                            str(tmp_path / "m"), str(tmp_path / "run")],
                           capture_output=True, text=True, cwd=Path(__file__).parent, timeout=600,

@@ -15,6 +15,16 @@ HEADERS_EOT = [128006, 128007, 128009]  # <|start_header_id|>, <|end_header_id|>
 RESERVED = list(range(128011, 128256))  # the base model's reserved tokens: untrained too, never used
 
 
+def tiny_with_zero_rows():
+    """The shipped tiny model with the input rows of ids 2, 3 and 4 (its chat template's control tokens) zeroed."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[[2, 3, 4]] = 0
+    return model
+
+
 @pytest.fixture
 def base(tmp_path):
     """The fixture's base layout on a tiny random model whose control-token rows look as in the real base model:
@@ -109,7 +119,7 @@ def test_train_embeddings_adapter_saves_and_loads_both_matrices(tmp_path):
 
 
 def test_train_only_the_template_tokens_rows(tmp_path):
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(TINY)
@@ -135,21 +145,14 @@ def test_fixed_rows_travel_in_the_adapter(tmp_path):
     """Set to the mean, then trained as trainable tokens: the adapter holds the rows, so a base model loaded
     fresh (its rows zero again) answers with them, merged or not."""
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    def zeroed():
-        model = AutoModelForCausalLM.from_pretrained(TINY)
-        with torch.no_grad():
-            model.get_input_embeddings().weight[[2, 3, 4]] = 0
-        return model
-
-    model = zeroed()
+    model = tiny_with_zero_rows()
     assert special_tokens.fix_untrained(model, [0, 2, 3, 4]) == [2, 3, 4]
     rows = model.get_input_embeddings().weight[[2, 3, 4]].detach().clone()
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"],
                                                   **special_tokens.lora_token_kwargs(model, [2, 3, 4])))
     peft_model.save_pretrained(tmp_path / "adapter")
-    loaded = PeftModel.from_pretrained(zeroed(), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_with_zero_rows(), tmp_path / "adapter")
     torch.testing.assert_close(loaded.get_input_embeddings()(torch.tensor([[2, 3, 4]]))[0], rows)
     merged = loaded.merge_and_unload()
     torch.testing.assert_close(merged.get_input_embeddings().weight[[2, 3, 4]], rows)
@@ -182,19 +185,13 @@ def test_training_sets_trains_and_ships_the_rows(tmp_path):
     found and set, both matrices' rows train as trainable tokens (TRL's default chunked loss reads lm_head.weight
     past peft's wrapper: it failed here), and infer.py's loader gets the trained rows back from the adapter."""
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from conftest import quick_args, write_jsonl
     from sftkit.generate import open_generator
     from train_unsloth import train
 
-    def zeroed():
-        model = AutoModelForCausalLM.from_pretrained(TINY)
-        with torch.no_grad():
-            model.get_input_embeddings().weight[[2, 3, 4]] = 0
-        return model
-
-    zeroed().save_pretrained(tmp_path / "model")
+    tiny_with_zero_rows().save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(TINY).save_pretrained(tmp_path / "model")
     rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답변 {i}"}]}
             for i in range(8)]
@@ -202,7 +199,7 @@ def test_training_sets_trains_and_ships_the_rows(tmp_path):
                              dataset=write_jsonl(tmp_path / "chat.jsonl", rows)))
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["template"] == "llama-3.1-chat" and len(rec["tokens"]["special"]["untrained"]) == 3
-    set_only = zeroed()
+    set_only = tiny_with_zero_rows()
     special_tokens.fix_untrained(set_only, [2, 3, 4])  # the rows before training
     w = {k.split(".token_adapter")[0].rsplit(".", 1)[-1]: v for k, v in
          load_file(str(Path(out) / "adapter_model.safetensors")).items() if "trainable_tokens_delta" in k}

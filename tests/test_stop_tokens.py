@@ -39,6 +39,25 @@ def trained_to_stop_with(stop_id: int, out: Path) -> str:
     return path
 
 
+def run_folder_on(base: str, run: Path) -> str:
+    """A run folder whose adapter starts as the identity (LoRA B = 0), on a model trained to stop at one id."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftkit import prompts
+    from sftkit.runfolder import RunFolder
+    from sftkit.runrecord import RunRecord
+
+    template = prompts.from_tokenizer(AutoTokenizer.from_pretrained(base))
+    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
+    adapter.save_pretrained(run)
+    RunFolder(run).save(RunRecord(status="finished", args={"model_name": base, "max_seq_length": 256,
+                                                           "load_in_4bit": False},
+                                  model_path=base, template=template.name, template_kind="chat",
+                                  template_text=template.text))
+    return str(run)
+
+
 @pytest.mark.parametrize("stop_id", [128001, 128008, 128009])
 def test_generation_stops_at_every_stop_id_in_every_mode(tmp_path, stop_id, capsys):
     from sftkit.generate import open_generator
@@ -58,24 +77,9 @@ def test_compare_base_stops_there_too(tmp_path):
     """--compare_base answers with the adapter off, then on: both must stop at <|eom_id|> (128008), which only the
     generation config lists. The run folder holds an adapter that starts as the identity (LoRA B = 0) on the
     model trained to emit it."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sftkit import prompts
     from sftkit.generate import open_generator
-    from sftkit.runfolder import RunFolder
-    from sftkit.runrecord import RunRecord
 
-    base = trained_to_stop_with(128008, tmp_path / "m")
-    tok = AutoTokenizer.from_pretrained(base)
-    template = prompts.from_tokenizer(tok)
-    run = tmp_path / "run"
-    adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
-    adapter.save_pretrained(run)
-    RunFolder(run).save(RunRecord(status="finished", args={"model_name": base, "max_seq_length": 256,
-                                                           "load_in_4bit": False},
-                                  model_path=base, template=template.name, template_kind="chat",
-                                  template_text=template.text))
-    g = open_generator(str(run), max_new_tokens=20)
+    g = open_generator(run_folder_on(trained_to_stop_with(128008, tmp_path / "m"), tmp_path / "run"),
+                       max_new_tokens=20)
     for adapter_off in (True, False):
         assert g.answer(QUESTION, base=adapter_off) == {"answer": "네", "stopped": "eos", "tokens": 1}
