@@ -2,13 +2,14 @@
 # The T4 rehearsal of issue 17, on the GPU machine, in named stages (several may be given, run in order):
 #
 #   bash benchmarks/rehearsal.sh build train-a        # 8B model, then notebook/fast/packing + a second headline pair
-#   bash benchmarks/rehearsal.sh train-b tests         # third headline pair with the 60-step job, then GPU tests
+#   bash benchmarks/rehearsal.sh train-b               # third headline pair with the 60-step job
+#   bash benchmarks/rehearsal.sh tests-t4              # the GPU suite under the cap, fp16 (tests-bare: uncapped)
 #   bash benchmarks/rehearsal.sh infer                 # decoding: plain generate, for_inference, --cuda_graphs
 #   bash benchmarks/rehearsal.sh build train-c         # --fast --packing and hf --fast, beside the notebook config
 #   bash benchmarks/rehearsal.sh build profile         # one profiled step at 2 x 4 and 8 x 1 (fast mode's split)
 #
 # Run after the bundle prefix of ../shared/gpu/prefix.txt, with `.gpu/` carried: .gpu/t4.sh (a copy of
-# ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for `tests`, .gpu/fixture (the real
+# ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for the tests, .gpu/fixture (the real
 # Llama 3.1 tokenizer) and .gpu/llamacpp.tar.gz (llama-cpp-python built with GGML_NATIVE=OFF and its converter).
 # Results go to $OUT (JSON after every variant, so a stage cut short keeps what it measured).
 set -u -o pipefail
@@ -40,13 +41,12 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
         --backends hf-served,unsloth-served,hf-graphs --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
         --worker_timeout 330 --out "$OUT/infer-8b-t4.json" 2>&1 | tee "$OUT/infer-8b-t4.log" | grep -v '^{' ;;
-    tests)  # GPU tests not yet run where users are, and the bare re-run after the redesign
+    tests-t4|tests-bare)  # the whole GPU suite: under the cap in fp16 (as a T4 trains), or on the bare GPU
       mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc
       export PYTHONPATH=$PYTHONPATH:/tmp/lc/site LLAMA_CPP_DIR=/tmp/lc/conv LLAMA31_TOKENIZER=$PWD/.gpu/fixture
-      SFTKIT_TEST_DTYPE=fp16 timeout 150 $T4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-        -k "compiled_decoding" 2>&1 | tee "$OUT/tests-t4-compiled.log" | tail -40
-      timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_tokens.py \
-        -k "compiled or cuda_graphs or gguf or tokens" 2>&1 | tee "$OUT/tests-bare.log" | tail -40 ;;
-    *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, tests)"; exit 2 ;;
+      if [ "$stage" = tests-t4 ]; then export SFTKIT_TEST_DTYPE=fp16; wrap=$T4; else unset SFTKIT_TEST_DTYPE; wrap=; fi
+      timeout "${TESTS_TIMEOUT:-560}" $wrap python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=8 \
+        ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/$stage.log" | tail -40 ;;
+    *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, tests-t4, tests-bare)"; exit 2 ;;
   esac
 done

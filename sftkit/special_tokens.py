@@ -16,6 +16,7 @@ from .prompts import PROBES, Template
 log = logging.getLogger("sftkit")
 DEAD = 1e-3  # a row whose norm is below this share of a typical row's norm is untrained
 CHUNK = 8192  # rows per step: a whole 128k x 4096 matrix in float32 would be 2 GB
+SCAN = 500  # rows tokenized for Unsloth's fix, which looks for the tokens in the first and last 250 rows
 
 
 def template_token_ids(tokenizer, template: Template) -> list[int]:
@@ -98,6 +99,43 @@ def fix_untrained(model, ids, tokenizer=None) -> list[int]:
     log.info("special tokens %s had untrained embedding rows (as in a base model): set to the mean of the trained "
              "rows, as Unsloth does; --train_embeddings trains them instead", ", ".join(map(str, names)))
     return bad
+
+
+def row_ids(tokenizer, template: Template, rows, n: int = SCAN) -> list[list[int]]:
+    """Token ids of the first and last n/2 rows (all when fewer), rendered as training renders them: what Unsloth's
+    fix scans (its first and last 250 rows) and scales each row by (how often the data use the token)."""
+    picks = range(len(rows)) if len(rows) <= n else [*range(n // 2), *range(len(rows) - n // 2, len(rows))]
+    out = []
+    for i in picks:
+        r = rows[int(i)]
+        if "messages" in r:
+            out.append(tokenizer.apply_chat_template(r["messages"], chat_template=template.text, tokenize=True,
+                                                     return_dict=True)["input_ids"])
+        else:
+            text = r["text"] if "text" in r else r["prompt"] + r["completion"]
+            out.append(tokenizer(text)["input_ids"])
+    return out
+
+
+def fix_with(fixer, model, ids, tokenizer, ids_of_rows) -> tuple[list[int], list[int]]:
+    """Runs a backend's own fix (Unsloth's fix_untrained_tokens on its path) on the untrained rows among ids, then
+    sftkit's for any it left as they were. Returns (ids the backend's fix set, ids sftkit's set)."""
+    import torch
+
+    bad = untrained(model, ids)
+    if not bad:
+        return [], []
+    before = [w[torch.tensor(bad, device=w.device)].clone() for w in matrices(model)]
+    fixer(model, tokenizer, ids_of_rows)
+    after = [w[torch.tensor(bad, device=w.device)] for w in matrices(model)]
+    # Set means changed in every matrix and not left zero (Unsloth zeroes a token the data never use; sftkit's fix
+    # then gives it the mean, since the template still writes it).
+    done = [i for k, i in enumerate(bad) if all(not torch.equal(b[k], a[k]) for b, a in zip(before, after))
+            and bool(after[0][k].abs().sum() > 0)]
+    if done:
+        log.info("special tokens %s had untrained embedding rows (as in a base model): set by Unsloth's own fix",
+                 ", ".join(map(str, tokenizer.convert_ids_to_tokens(done))))
+    return done, fix_untrained(model, [i for i in bad if i not in done], tokenizer)
 
 
 # --- --train_embeddings ----------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ def base_with_untrained_rows(out: Path) -> str:
 
 
 def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_unsloth(tmp_path):
-    """Chat data on a base model through Unsloth: the untrained rows are found, set and trained as trainable
-    tokens; infer.py's loader (Unsloth again, base rows zero on disk) gets them back from the adapter and answers."""
+    """Chat data on a base model through Unsloth: the untrained rows are found, set by Unsloth's own fix and trained
+    as trainable tokens; infer.py's loader (Unsloth again, base rows zero on disk) gets them back from the adapter and answers."""
     from sftkit.generate import open_generator
     from train_unsloth import train
 
@@ -46,6 +46,9 @@ def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_uns
     rec = json.loads((Path(out) / "run.json").read_text())
     assert rec["template"] == "llama-3.1-chat" and rec["backend"]["backend"] == "unsloth"
     assert set(rec["tokens"]["special"]["untrained"]) >= {"<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"}
+    # set by Unsloth's own fix (its fix_untrained_tokens), with nothing left for sftkit's
+    assert rec["tokens"]["special"]["set_by_backend"] == rec["tokens"]["special"]["untrained"]
+    assert rec["tokens"]["special"]["set_by_sftkit"] == []
     from safetensors.torch import load_file
 
     carried = {k.split(".token_adapter")[0].rsplit(".", 1)[-1]: v.float() for k, v in

@@ -71,6 +71,41 @@ def test_untrained_rows_are_found_and_set_to_the_trained_mean(base, caplog):
 
 
 @needs_fixture
+def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base):
+    """Unsloth's path: its fix gets the rows as training renders them; a row it left zero (a token the data never
+    use) is set by sftkit, since the template still writes it. The fixer here acts as Unsloth's would on two rows."""
+    model, tok = base
+    template = prompts.load("llama-3.1-chat")
+    rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답 {i}"}]}
+            for i in range(3)]
+    rendered = special_tokens.row_ids(tok, template, rows)
+    assert len(rendered) == 3 and all(set(HEADERS_EOT) <= set(r) for r in rendered)
+    got = {}
+
+    def fixer(m, t, ids_of_rows):
+        got["rows"] = ids_of_rows
+        for w in special_tokens.matrices(m):
+            w.data[HEADERS_EOT[:2]] = 0.5
+
+    ids = special_tokens.template_token_ids(tok, template)
+    assert special_tokens.fix_with(fixer, model, ids, tok, rendered) == (HEADERS_EOT[:2], [128009])
+    assert got["rows"] is rendered
+    emb = model.get_input_embeddings().weight.detach()
+    assert torch.all(emb[HEADERS_EOT[:2]] == 0.5) and emb[128009].abs().sum() > 0 and not torch.all(emb[128009] == 0.5)
+    assert special_tokens.untrained(model, ids) == []
+
+
+@needs_fixture
+def test_rows_for_the_backends_fix_are_the_first_and_last_as_rendered():
+    tok = fixture_tokenizer("base-unsloth")
+    rows = [{"text": f"row {i}"} for i in range(10)]
+    got = special_tokens.row_ids(tok, prompts.load("alpaca_ko"), rows, n=4)
+    assert [tok.decode(r, skip_special_tokens=True) for r in got] == ["row 0", "row 1", "row 8", "row 9"]
+    pair = special_tokens.row_ids(tok, prompts.load("alpaca_ko"), [{"prompt": "Q: ", "completion": "A"}])
+    assert tok.decode(pair[0], skip_special_tokens=True) == "Q: A"
+
+
+@needs_fixture
 def test_a_trained_model_has_nothing_to_fix(tmp_path):
     model = fixture_model("instruct-meta", tmp_path)  # random rows everywhere: nothing zero
     ids = special_tokens.template_token_ids(fixture_tokenizer("instruct-meta"), prompts.load("llama-3.1-chat"))

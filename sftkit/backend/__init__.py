@@ -147,10 +147,10 @@ def choose(backend: str = "auto", dtype: str = "auto", cudnn_attention: bool = F
 
 
 from .models import (add_lora, check_model_path, extend_rope, for_inference, load_adapter, load_model,  # noqa: E402
-                     merge_adapter, trainable_in_fp32)
+                     merge_adapter, row_fixer, trainable_in_fp32)
 from .merging import merge_device, save_merged, sixteen_bit_gib  # noqa: E402
 
 __all__ = ["Choice", "choose", "choose_dtype", "has_native_bf16", "attention_kernels", "local_rank", "add_lora",
            "check_model_path", "extend_rope", "for_inference", "load_adapter", "load_model", "merge_adapter",
-           "trainable_in_fp32",
+           "row_fixer", "trainable_in_fp32",
            "merge_device", "save_merged", "sixteen_bit_gib"]

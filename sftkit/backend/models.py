@@ -131,6 +131,29 @@ def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target
     return get_peft_model(model, config)
 
 
+def row_fixer(choice):
+    """The backend's own fix for untrained embedding rows, or None where it has none (the plain path: sftkit's)."""
+    return unsloth_row_fix if choice.unsloth else None
+
+
+def unsloth_row_fix(model, tokenizer, ids_of_rows: list):
+    """Unsloth's fix_untrained_tokens (unsloth_zoo): the mean of the trained rows, scaled by how often the data use
+    each token. It refuses frozen matrices (its advice is to train embed_tokens and lm_head in full); peft trains
+    exactly these rows here (trainable tokens), so the matrices count as trained while it runs."""
+    from unsloth_zoo.tokenizer_utils import fix_untrained_tokens
+
+    weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    flags = [w.requires_grad for w in weights]
+    try:
+        for w in weights:
+            w.requires_grad_(True)
+        rows = [{"input_ids": r} for r in ids_of_rows]  # a list, not a Dataset: no progress bar while it counts
+        fix_untrained_tokens(model, tokenizer, rows, eps=1e-16)
+    finally:
+        for w, flag in zip(weights, flags):
+            w.requires_grad_(flag)
+
+
 def trainable_in_fp32(model, choice):
     """fp16 on the plain path: call once the trainer is built. fp16 training runs a gradient scaler, which unscales
     only fp32 gradients, and TRL's SFTTrainer turns a quantized model's LoRA weights into bf16 (the QLoRA paper's
