@@ -78,6 +78,12 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
                          save_strategy="no", gradient_checkpointing=False, max_length=2048, dataset_num_proc=None,
                          include_num_input_tokens_seen="non_padding", **more)
         trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, args=args, callbacks=[cb])
+        shapes = count_positions(trainer)
+        if choice.dtype == "fp16":  # the gradient scaler takes fp32 LoRA weights only (train_unsloth's runs have them)
+            print("trainable dtypes:", sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}))
+            for p in trainer.model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
         res = trainer.train()
         gpu_us, launches, _ = profiler_counts(cb.prof.events())
         heaviest = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:top]
@@ -86,6 +92,8 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
              "cpu_us_per_launch": round(cb.wall * 1e6 / max(launches, 1), 1), "tokens": cb.tokens,
              "tokens_per_s": round(cb.tokens / cb.wall, 1),
              "avg_step_s_all_steps": round(res.metrics["train_runtime"] / steps, 3),
+             # positions the model ran per real token, over all steps: 1.0 when padding-free, above it when padded
+             "positions_per_token": round(shapes["positions"] / max(shapes["tokens"], 1), 3),
              "top_kernels": [[e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count] for e in heaviest]}
         results.append(r)
         print(json.dumps(r), flush=True)
@@ -95,6 +103,24 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
               "results": results}
     if out:
         Path(out).write_text(json.dumps(report, indent=2))
+
+
+def count_positions(trainer) -> dict:
+    """Wraps the trainer's collator to count the positions each batch makes the model run (input_ids cells) and the
+    real tokens among them (attention mask, else all): whether a larger micro-batch pays for padding."""
+    seen = {"positions": 0, "tokens": 0}
+    collate = trainer.data_collator
+
+    def counted(features):
+        batch = collate(features)
+        ids = batch["input_ids"]
+        seen["positions"] += ids.numel()
+        mask = batch.get("attention_mask")
+        seen["tokens"] += int(mask.sum()) if mask is not None else ids.numel()
+        return batch
+
+    trainer.data_collator = counted
+    return seen
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
       train 1 --backends unsloth,hf,unsloth-fast,unsloth-packing,unsloth-fast-packing --fast False
       train 2 --backends unsloth,hf --fast False ;;
     train-c)  # what session 8 could not run: --fast --packing, and fast mode on the plain path (hf-fast)
-      train 4 --backends unsloth,unsloth-fast,unsloth-fast-packing,hf,hf-fast --fast False ;;
+      train 4 --backends ${TRAIN_C:-unsloth,unsloth-fast,unsloth-fast-packing,hf,hf-fast} --fast False ;;
     train-b)  # the pair a third time, Unsloth for the notebook job's 60 steps (wall time, load to save)
       train 3 --backends unsloth@60,hf --fast False ;;
     profile)  # where a fast-mode step's time goes under the cap (issue 17: --fast reached 1.23x, not 1.5x)
