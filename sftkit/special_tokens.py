@@ -102,8 +102,9 @@ def fix_untrained(model, ids, tokenizer=None) -> list[int]:
 
 
 def row_ids(tokenizer, template: Template, rows, n: int = SCAN) -> list[list[int]]:
-    """Token ids of the first and last n/2 rows (all when fewer), rendered as training renders them: what Unsloth's
-    fix scans (its first and last 250 rows) and scales each row by (how often the data use the token)."""
+    """Token ids of the first and last n/2 rows (all when fewer), rendered as TRL tokenizes them for training: what
+    Unsloth's fix scans (its first and last 250 rows) and counts each token's frequency on (so its scaling sees
+    these rows only, not the whole data set)."""
     picks = range(len(rows)) if len(rows) <= n else [*range(n // 2), *range(len(rows) - n // 2, len(rows))]
     out = []
     for i in picks:
@@ -117,24 +118,37 @@ def row_ids(tokenizer, template: Template, rows, n: int = SCAN) -> list[list[int
     return out
 
 
-def fix_with(fixer, model, ids, tokenizer, ids_of_rows) -> tuple[list[int], list[int]]:
+def fix_with(fixer, model, ids, tokenizer, ids_of_rows, who: str = "the backend's") -> tuple[list[int], list[int]]:
     """Runs a backend's own fix (Unsloth's fix_untrained_tokens on its path) on the untrained rows among ids, then
-    sftkit's for any it left as they were. Returns (ids the backend's fix set, ids sftkit's set)."""
+    sftkit's for any it left as they were. Rows it set outside those ids (Unsloth sets every untrained row the data
+    or template use, and zeroes the output rows of reserved tokens) are put back: the adapter carries only these
+    ids' rows, so inference would not see those changes. Returns (ids the backend's fix set, ids sftkit's set)."""
     import torch
 
     bad = untrained(model, ids)
     if not bad:
         return [], []
-    before = [w[torch.tensor(bad, device=w.device)].clone() for w in matrices(model)]
+    weights = matrices(model)
+    others = sorted(set(torch.nonzero(dead(weights[0])).flatten().tolist()) - set(bad))
+    kept = [w[torch.tensor(others, dtype=torch.long, device=w.device)].cpu() for w in weights]
+    before = [w[torch.tensor(bad, device=w.device)].clone() for w in weights]
     fixer(model, tokenizer, ids_of_rows)
-    after = [w[torch.tensor(bad, device=w.device)] for w in matrices(model)]
-    # Set means changed in every matrix and not left zero (Unsloth zeroes a token the data never use; sftkit's fix
-    # then gives it the mean, since the template still writes it).
-    done = [i for k, i in enumerate(bad) if all(not torch.equal(b[k], a[k]) for b, a in zip(before, after))
-            and bool(after[0][k].abs().sum() > 0)]
+    moved = 0
+    with torch.no_grad():
+        for w, rows in zip(weights, kept):
+            where = torch.tensor(others, dtype=torch.long, device=w.device)
+            moved += int((w[where].cpu() != rows).any(dim=1).sum()) if others else 0
+            w[where] = rows.to(w.device)
+    if moved:
+        log.info("%s fix also changed %d rows of tokens the template does not use (reserved ones): put back, since "
+                 "the adapter does not carry them", who, moved)
+    after = [w[torch.tensor(bad, device=w.device)] for w in weights]
+    # Set means changed in every matrix. Unsloth zeroes the output row of a token its sample of rows never uses,
+    # leaving the zero input row as it was: sftkit's fix then gives both the mean, since the template writes it.
+    done = [i for k, i in enumerate(bad) if all(not torch.equal(b[k], a[k]) for b, a in zip(before, after))]
     if done:
-        log.info("special tokens %s had untrained embedding rows (as in a base model): set by Unsloth's own fix",
-                 ", ".join(map(str, tokenizer.convert_ids_to_tokens(done))))
+        log.info("special tokens %s had untrained embedding rows (as in a base model): set by %s own fix",
+                 ", ".join(map(str, tokenizer.convert_ids_to_tokens(done))), who)
     return done, fix_untrained(model, [i for i in bad if i not in done], tokenizer)
 
 

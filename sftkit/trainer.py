@@ -268,9 +268,9 @@ def special_token_rows(model, tokenizer, template, a: dict, rows, fixer=None) ->
     ids = special_tokens.template_token_ids(tokenizer, template)
     bad = special_tokens.untrained(model, ids)
     by_backend, by_sftkit = [], []
-    if bad and fixer:
-        by_backend, by_sftkit = special_tokens.fix_with(fixer, model, ids, tokenizer,
-                                                        special_tokens.row_ids(tokenizer, template, rows))
+    if bad and fixer:  # fixer: (name, function), the backend's own fix
+        by_backend, by_sftkit = special_tokens.fix_with(fixer[1], model, ids, tokenizer,
+                                                        special_tokens.row_ids(tokenizer, template, rows), fixer[0])
     elif bad or a["train_embeddings"]:
         by_sftkit = special_tokens.fix_untrained(model, ids, tokenizer)
     extra = (special_tokens.lora_embedding_kwargs(model) if a["train_embeddings"]

@@ -34,7 +34,8 @@ def base_with_untrained_rows(out: Path) -> str:
 
 def test_rows_set_during_unsloth_training_come_back_with_the_adapter_through_unsloth(tmp_path):
     """Chat data on a base model through Unsloth: the untrained rows are found, set by Unsloth's own fix and trained
-    as trainable tokens; infer.py's loader (Unsloth again, base rows zero on disk) gets them back from the adapter and answers."""
+    as trainable tokens; infer.py's loader (Unsloth again, base rows zero on disk) gets them back from the adapter
+    and answers."""
     from sftkit.generate import open_generator
     from train_unsloth import train
 

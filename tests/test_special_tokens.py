@@ -70,29 +70,58 @@ def test_untrained_rows_are_found_and_set_to_the_trained_mean(base, caplog):
     assert special_tokens.fix_untrained(model, ids, tok) == []  # nothing left: no second log line
 
 
+def unsloth_like(seen: dict):
+    """A stand-in for Unsloth's fix_untrained_tokens, as it acts on the base model: it sets two of the template's
+    rows, zeroes the output row of a token its rows never use (<|eot_id|>, input row left zero) and, outside the
+    template's tokens, changes a reserved token's rows."""
+    def fixer(model, tokenizer, ids_of_rows):
+        seen["rows"] = ids_of_rows
+        for w in special_tokens.matrices(model):
+            w.data[HEADERS_EOT[:2]] = 0.5
+            w.data[RESERVED[0]] = 0.25
+        model.get_output_embeddings().weight.data[128009] = 0
+    return fixer
+
+
 @needs_fixture
-def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base):
-    """Unsloth's path: its fix gets the rows as training renders them; a row it left zero (a token the data never
-    use) is set by sftkit, since the template still writes it. The fixer here acts as Unsloth's would on two rows."""
+def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base, caplog):
+    """Unsloth's path: its fix gets the rows as training renders them; a row it left untrained (zero input row) is
+    set by sftkit, since the template still writes it; rows it changed outside the template's tokens are put back,
+    since the adapter would not carry them."""
     model, tok = base
     template = prompts.load("llama-3.1-chat")
     rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답 {i}"}]}
             for i in range(3)]
     rendered = special_tokens.row_ids(tok, template, rows)
     assert len(rendered) == 3 and all(set(HEADERS_EOT) <= set(r) for r in rendered)
-    got = {}
-
-    def fixer(m, t, ids_of_rows):
-        got["rows"] = ids_of_rows
-        for w in special_tokens.matrices(m):
-            w.data[HEADERS_EOT[:2]] = 0.5
-
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    reserved = (emb[RESERVED[0]].detach().clone(), out[RESERVED[0]].detach().clone())
+    seen = {}
     ids = special_tokens.template_token_ids(tok, template)
-    assert special_tokens.fix_with(fixer, model, ids, tok, rendered) == (HEADERS_EOT[:2], [128009])
-    assert got["rows"] is rendered
-    emb = model.get_input_embeddings().weight.detach()
-    assert torch.all(emb[HEADERS_EOT[:2]] == 0.5) and emb[128009].abs().sum() > 0 and not torch.all(emb[128009] == 0.5)
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        got = special_tokens.fix_with(unsloth_like(seen), model, ids, tok, rendered, "Unsloth's")
+    assert got == (HEADERS_EOT[:2], [128009]) and seen["rows"] is rendered
+    assert torch.all(emb[HEADERS_EOT[:2]] == 0.5) and torch.all(out[HEADERS_EOT[:2]] == 0.5)
+    for w in (emb, out):  # sftkit's mean for <|eot_id|>: neither zero nor the stand-in's value
+        assert w[128009].abs().sum() > 0 and not torch.all(w[128009] == 0.5)
+    assert torch.equal(emb[RESERVED[0]], reserved[0]) and torch.equal(out[RESERVED[0]], reserved[1])
     assert special_tokens.untrained(model, ids) == []
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "changed 2 rows of tokens the template does not use" in said and "set by Unsloth's own fix" in said
+
+
+@needs_fixture
+def test_run_record_says_which_fix_set_each_row(base):
+    from sftkit import trainer
+
+    model, tok = base
+    rows = [{"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}]
+    extra, rec = trainer.special_token_rows(model, tok, prompts.load("llama-3.1-chat"), {"train_embeddings": False},
+                                            rows, ("Unsloth's", unsloth_like({})))
+    assert rec == {"untrained": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                   "set_by_backend": ["<|start_header_id|>", "<|end_header_id|>"], "set_by_sftkit": ["<|eot_id|>"],
+                   "train_embeddings": False}
+    assert extra == special_tokens.lora_token_kwargs(model, HEADERS_EOT)  # the adapter trains all three
 
 
 @needs_fixture

@@ -132,23 +132,30 @@ def add_lora(model, choice, r: int, lora_alpha: int, lora_dropout: float, target
 
 
 def row_fixer(choice):
-    """The backend's own fix for untrained embedding rows, or None where it has none (the plain path: sftkit's)."""
-    return unsloth_row_fix if choice.unsloth else None
+    """(name, function) of the backend's own fix for untrained embedding rows, or None where it has none (the plain
+    path: sftkit's own)."""
+    return ("Unsloth's", unsloth_row_fix) if choice.unsloth else None
 
 
 def unsloth_row_fix(model, tokenizer, ids_of_rows: list):
-    """Unsloth's fix_untrained_tokens (unsloth_zoo): the mean of the trained rows, scaled by how often the data use
+    """Unsloth's fix_untrained_tokens (unsloth_zoo): the mean of the trained rows, scaled by how often the rows use
     each token. It refuses frozen matrices (its advice is to train embed_tokens and lm_head in full); peft trains
-    exactly these rows here (trainable tokens), so the matrices count as trained while it runs."""
+    the template's rows here (trainable tokens), so the matrices count as trained while it runs."""
+    import os
+
     from unsloth_zoo.tokenizer_utils import fix_untrained_tokens
 
-    weights = [model.get_input_embeddings().weight, model.get_output_embeddings().weight]
+    from ..special_tokens import matrices
+
+    weights = matrices(model)
     flags = [w.requires_grad for w in weights]
+    # the models Unsloth's own trainer-time call leaves alone (it publishes the list in this variable on import)
+    ignored = [n for n in os.environ.get("UNSLOTH_IGNORED_TOKENIZER_NAMES", "").split("\n") if n]
     try:
         for w in weights:
             w.requires_grad_(True)
         rows = [{"input_ids": r} for r in ids_of_rows]  # a list, not a Dataset: no progress bar while it counts
-        fix_untrained_tokens(model, tokenizer, rows, eps=1e-16)
+        fix_untrained_tokens(model, tokenizer, rows, ignored, eps=1e-16)
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
