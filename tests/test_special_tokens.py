@@ -1,13 +1,17 @@
 """Untrained special-token rows: found for the template's tokens, set to the trained mean, or trained by peft."""
 
+import importlib
+import importlib.util
 import json
 import logging
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, needs_fixture
+from conftest import FIXTURE, TINY, needs_fixture
 from sftkit import prompts, special_tokens
 from test_chat_template import fixture_model, fixture_tokenizer
 
@@ -122,6 +126,71 @@ def test_run_record_says_which_fix_set_each_row(base):
                    "set_by_backend": ["<|start_header_id|>", "<|end_header_id|>"], "set_by_sftkit": ["<|eot_id|>"],
                    "train_embeddings": False}
     assert extra == special_tokens.lora_token_kwargs(model, HEADERS_EOT)  # the adapter trains all three
+
+
+@pytest.fixture
+def unsloth_tokenizer_utils():
+    """Unsloth's own unsloth_zoo.tokenizer_utils, on a CPU: the package's __init__ refuses a machine without a GPU,
+    but this module needs none, so it is loaded from the installed package without running that __init__."""
+    spec = importlib.util.find_spec("unsloth_zoo")
+    if spec is None:
+        pytest.skip("unsloth_zoo is not installed (pip install -r requirements.txt installs it)")
+    before = set(sys.modules)
+    package = types.ModuleType("unsloth_zoo")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["unsloth_zoo"] = package
+    try:
+        yield importlib.import_module("unsloth_zoo.tokenizer_utils")
+    finally:
+        for name in set(sys.modules) - before:
+            if name.startswith("unsloth_zoo"):
+                del sys.modules[name]
+
+
+@pytest.fixture(params=["shipped-tiny", "fixture-base"])
+def untrained_base(request, tmp_path):
+    """(model, tokenizer, the template's untrained ids and their names) as a base model has them: zero input rows,
+    output rows one repeated vector; also unused tokens untrained the same way (reserved ones). The shipped tiny
+    model runs everywhere, the real tokenizer's layout where the fixture is."""
+    from transformers import AutoTokenizer
+
+    if request.param == "fixture-base":
+        if FIXTURE is None:
+            pytest.skip(needs_fixture.kwargs["reason"])
+        model, tok = request.getfixturevalue("base")
+        return model, tok, HEADERS_EOT, ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    model = tiny_with_zero_rows()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[100:110] = 0  # unused tokens, untrained like the reserved ones
+        out = model.get_output_embeddings().weight
+        out[[2, 3, 4, *range(100, 110)]] = out[5].clone()
+    tok = AutoTokenizer.from_pretrained(TINY)
+    return model, tok, [2, 3, 4], tok.convert_ids_to_tokens([2, 3, 4])
+
+
+def test_unsloths_own_fix_sets_the_template_rows_and_nothing_the_adapter_does_not_carry(untrained_base,
+                                                                                         unsloth_tokenizer_utils):
+    """The Unsloth path's seam with Unsloth's real fix_untrained_tokens: the template's control tokens are set by
+    it; the unused untrained rows it zeroes (tokens no row uses) and every other row stay as they were, since the
+    adapter carries only the template's rows; the matrices stay frozen."""
+    from sftkit import trainer
+    from sftkit.backend.models import unsloth_row_fix
+
+    model, tok, ids, names = untrained_base
+    model.requires_grad_(False)  # as before LoRA: the fix must not leave the matrices trainable
+    emb, out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    before = emb.detach().clone(), out.detach().clone()
+    rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답 {i}"}]}
+            for i in range(6)]
+    extra, rec = trainer.special_token_rows(model, tok, prompts.load("llama-3.1-chat"), {"train_embeddings": False},
+                                            rows, ("Unsloth's", unsloth_row_fix))
+    assert rec["untrained"] == names and rec["set_by_backend"] == names and rec["set_by_sftkit"] == []
+    assert special_tokens.untrained(model, ids) == []
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[ids] = False
+    assert torch.equal(emb[others], before[0][others]) and torch.equal(out[others], before[1][others])
+    assert not emb.requires_grad and not out.requires_grad
+    assert extra == special_tokens.lora_token_kwargs(model, ids)
 
 
 @needs_fixture
