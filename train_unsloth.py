@@ -11,7 +11,7 @@ model + LoRA -> data -> SFTTrainer -> train -> adapter + run.json + metrics.json
 
 import logging
 
-from sftkit import checks, data, lengths, memory, trainer
+from sftkit import checks, data, lengths, memory, special_tokens, trainer
 from sftkit.backend import choose, row_fixer
 from sftkit.cli import run_cli
 from sftkit.errors import Stopped
@@ -137,7 +137,8 @@ def train(
 
         # 5. Plan the micro-batches (--fast), add LoRA, build TRL's SFTTrainer.
         plan = trainer.plan_batches(a, choice, trainer.longest_row(a, choice, fitted), world_size)
-        extra, token_info = trainer.special_token_rows(model, tokenizer, template, a, train_rows, row_fixer(choice))
+        extra, token_info = special_tokens.prepare(model, tokenizer, template, a["train_embeddings"], train_rows,
+                                                   row_fixer(choice))
         model = trainer.attach_lora(model, a, choice, plan, extra)
         meter = memory.Meter().start()
         trainer.log_data(info, train_rows, eval_rows, template, plan, world_size)

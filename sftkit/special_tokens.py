@@ -152,6 +152,26 @@ def fix_with(fixer, model, ids, tokenizer, ids_of_rows, who: str = "the backend'
     return done, fix_untrained(model, [i for i in bad if i not in done], tokenizer)
 
 
+def prepare(model, tokenizer, template, train_embeddings: bool, rows, fixer=None) -> tuple[dict, dict]:
+    """(extra LoRA arguments, what run.json records). Control tokens the template uses whose embedding or lm_head
+    rows were never trained (zero in the real Llama 3.1 base: <|start_header_id|>, <|eot_id|>, ...) are set from the
+    trained rows (by the backend's own fix where it has one, fixer: Unsloth's; else, or for rows it left, sftkit's
+    mean), and the adapter trains and carries those rows (peft trainable_token_indices: kilobytes), so a model that
+    never saw <|eot_id|> learns to end its turns and infer.py gets the rows back with the adapter.
+    --train_embeddings trains both matrices in full instead."""
+    ids = template_token_ids(tokenizer, template)
+    bad = untrained(model, ids)
+    by_backend, by_sftkit = [], []
+    if bad and fixer:  # fixer: (name, function), the backend's own fix
+        by_backend, by_sftkit = fix_with(fixer[1], model, ids, tokenizer, row_ids(tokenizer, template, rows), fixer[0])
+    elif bad or train_embeddings:
+        by_sftkit = fix_untrained(model, ids, tokenizer)
+    extra = lora_embedding_kwargs(model) if train_embeddings else lora_token_kwargs(model, bad) if bad else {}
+    names = tokenizer.convert_ids_to_tokens
+    return extra, {"untrained": names(bad), "set_by_backend": names(by_backend), "set_by_sftkit": names(by_sftkit),
+                   "train_embeddings": train_embeddings}
+
+
 # --- --train_embeddings ----------------------------------------------------------------------------------------
 
 def embedding_params(cfg) -> int:

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checks, data, fastplan, memory, prompts, samples, special_tokens
+from . import checks, data, fastplan, memory, prompts, samples
 from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names
 from .errors import UserError
@@ -256,28 +256,6 @@ def end_ranks():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def special_token_rows(model, tokenizer, template, a: dict, rows, fixer=None) -> tuple[dict, dict]:
-    """(extra LoRA arguments, what run.json records). Control tokens the template uses whose embedding or lm_head
-    rows were never trained (zero in the real Llama 3.1 base: <|start_header_id|>, <|eot_id|>, ...) are set from the
-    trained rows (by the backend's own fix where it has one, fixer: Unsloth's; else, or for rows it left, sftkit's
-    mean), and the adapter trains and carries those rows (peft trainable_token_indices: kilobytes), so a model that
-    never saw <|eot_id|> learns to end its turns and infer.py gets the rows back with the adapter.
-    --train_embeddings trains both matrices in full instead."""
-    ids = special_tokens.template_token_ids(tokenizer, template)
-    bad = special_tokens.untrained(model, ids)
-    by_backend, by_sftkit = [], []
-    if bad and fixer:  # fixer: (name, function), the backend's own fix
-        by_backend, by_sftkit = special_tokens.fix_with(fixer[1], model, ids, tokenizer,
-                                                        special_tokens.row_ids(tokenizer, template, rows), fixer[0])
-    elif bad or a["train_embeddings"]:
-        by_sftkit = special_tokens.fix_untrained(model, ids, tokenizer)
-    extra = (special_tokens.lora_embedding_kwargs(model) if a["train_embeddings"]
-             else special_tokens.lora_token_kwargs(model, bad) if bad else {})
-    names = tokenizer.convert_ids_to_tokens
-    return extra, {"untrained": names(bad), "set_by_backend": names(by_backend), "set_by_sftkit": names(by_sftkit),
-                   "train_embeddings": a["train_embeddings"]}
 
 
 def attach_lora(model, a: dict, choice, plan: Plan, extra: dict):

@@ -116,12 +116,10 @@ def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base,
 
 @needs_fixture
 def test_run_record_says_which_fix_set_each_row(base):
-    from sftkit import trainer
-
     model, tok = base
     rows = [{"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}]
-    extra, rec = trainer.special_token_rows(model, tok, prompts.load("llama-3.1-chat"), {"train_embeddings": False},
-                                            rows, ("Unsloth's", unsloth_like({})))
+    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), False, rows,
+                                        ("Unsloth's", unsloth_like({})))
     assert rec == {"untrained": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                    "set_by_backend": ["<|start_header_id|>", "<|end_header_id|>"], "set_by_sftkit": ["<|eot_id|>"],
                    "train_embeddings": False}
@@ -173,7 +171,6 @@ def test_unsloths_own_fix_sets_the_template_rows_and_nothing_the_adapter_does_no
     """The Unsloth path's seam with Unsloth's real fix_untrained_tokens: the template's control tokens are set by
     it; the unused untrained rows it zeroes (tokens no row uses) and every other row stay as they were, since the
     adapter carries only the template's rows; the matrices stay frozen."""
-    from sftkit import trainer
     from sftkit.backend.models import unsloth_row_fix
 
     model, tok, ids, names = untrained_base
@@ -182,8 +179,8 @@ def test_unsloths_own_fix_sets_the_template_rows_and_nothing_the_adapter_does_no
     before = emb.detach().clone(), out.detach().clone()
     rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답 {i}"}]}
             for i in range(6)]
-    extra, rec = trainer.special_token_rows(model, tok, prompts.load("llama-3.1-chat"), {"train_embeddings": False},
-                                            rows, ("Unsloth's", unsloth_row_fix))
+    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), False, rows,
+                                        ("Unsloth's", unsloth_row_fix))
     assert rec["untrained"] == names and rec["set_by_backend"] == names and rec["set_by_sftkit"] == []
     assert special_tokens.untrained(model, ids) == []
     others = torch.ones(emb.shape[0], dtype=torch.bool)
