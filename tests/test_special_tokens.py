@@ -27,6 +27,10 @@ def tiny_with_zero_rows():
 
 @pytest.fixture
 def base(tmp_path):
+    return untrained_fixture_base(tmp_path)
+
+
+def untrained_fixture_base(tmp_path):
     """The fixture's base layout on a tiny random model whose control-token rows look as in the real base model:
     zero input rows, and output rows that are one repeated vector."""
     model = fixture_model("base-unsloth", tmp_path)

@@ -14,7 +14,12 @@ import torch
 from conftest import FIXTURE, TINY, needs_fixture
 from sftkit import prompts, special_tokens
 from test_chat_template import fixture_tokenizer
-from test_special_tokens import HEADERS_EOT, RESERVED, base, tiny_with_zero_rows  # noqa: F401 (base: a fixture)
+from test_special_tokens import HEADERS_EOT, RESERVED, tiny_with_zero_rows, untrained_fixture_base
+
+
+@pytest.fixture
+def base(tmp_path):
+    return untrained_fixture_base(tmp_path)
 
 
 def unsloth_like(seen: dict):
