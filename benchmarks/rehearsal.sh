@@ -38,9 +38,10 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
     profile)  # where a fast-mode step's time goes under the cap (issue 17: --fast reached 1.23x, not 1.5x)
       $T4 python3 benchmarks/profile_step.py --model_dir "$CACHE/llama-3.1-8b" --configs 2x4,8x1 --dtype fp16 \
         --top 20 --out "$OUT/profile-8b-t4.json" 2>&1 | tail -40 ;;
-    infer)  # batch 1 and 32, fp16; the compiled variant may compile twice (each batch size)
+    infer)  # batch 1 and 32, fp16; compiled variants compile per batch size. hf-cudagraphs (eager kernels in graphs)
+            # matched eager tokens under the cap where inductor's did not: its speed decides --cuda_graphs on a T4
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
-        --backends hf-served,unsloth-served,hf-graphs --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
+        --backends ${INFER:-hf-served,unsloth-served,hf-graphs,hf-cudagraphs} --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
         --worker_timeout 330 --out "$OUT/infer-8b-t4.json" 2>&1 | tee "$OUT/infer-8b-t4.log" | grep -v '^{' ;;
     infer-profile)  # where a batch-1 token's time goes under the cap (the 3x decoding target: 1.27x so far)
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
