@@ -116,3 +116,12 @@ def real_tokenizer_model(flavour: str, out: Path) -> str:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def unsloth_run(tmp_path_factory):
+    """A run folder trained through Unsloth on the tiny model (GPU tests only), shared by the GPU modules."""
+    from train_unsloth import train
+
+    tmp = tmp_path_factory.mktemp("gpu")
+    return train(**quick_args(tmp, backend="unsloth", max_steps=20, max_samples=32, learning_rate=2e-2))
