@@ -181,11 +181,11 @@ def check_fields(template, rows=None):
 
 
 def graphs_verified(capability) -> bool:
-    """Whether --cuda_graphs may compile here. On bare H100/H200 it gave eager decoding's tokens (tests/test_gpu_graphs.py).
-    No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it, and in the T4 rehearsal (an
-    H200 capped to 10 SMs by MPS, still 9.0) inductor's compiled tokens differed from eager (the eager kernels in
-    graphs, and the static cache alone, matched). So a T4 decodes as without the flag rather than risk other
-    answers; 8.0+ (A100, L4, H100) compiles."""
+    """Whether --cuda_graphs may compile here. On bare H100/H200 it gave eager decoding's tokens
+    (tests/test_gpu_graphs.py). No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it, and
+    in the T4 rehearsal (an H200 capped to 10 SMs by MPS, still 9.0) inductor's compiled tokens differed from eager
+    (the eager kernels in graphs, and the static cache alone, matched). So a T4 decodes as without the flag rather
+    than risk other answers; 8.0+ (A100, L4, H100) compiles."""
     return tuple(capability) >= (8, 0)
 
 
