@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import rowcheck
+from . import datafile, rowcheck
 from .errors import UserError
 from .prompts import Template, render
 
@@ -52,7 +52,7 @@ def load_dataset_any(dataset: str, split: str = "train"):
         blank = [p.name for p in files if is_blank(p)]
         if blank:  # checked first: the loaders fail on these with an empty or misleading message
             raise UserError(no_rows(dataset, blank if path.is_dir() else None))
-        kwargs = rowcheck.check_files(files)  # bytes, layout, names given twice; CSV cells read as the text they are
+        kwargs = datafile.check_files(files)  # bytes, layout, names given twice; CSV cells read as the text they are
         try:
             ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", **kwargs)
         except Exception as err:

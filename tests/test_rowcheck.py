@@ -1,5 +1,5 @@
-"""Data checked before training (sftkit/rowcheck.py): one class of problem a test, each refused with its place and
-its fix, and the good files of the same shape let through."""
+"""Data checked before training (sftkit/datafile.py, sftkit/rowcheck.py): one class of problem a test, each refused
+with its place and its fix, and the good files of the same shape let through."""
 
 import json
 import subprocess
@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset, load_dataset
 
 from conftest import ROOT, SAMPLE, write_jsonl
-from sftkit import rowcheck
+from sftkit import datafile, rowcheck
 from sftkit.errors import UserError
 
 ALPACA = ["instruction", "input", "output"]
@@ -19,7 +19,7 @@ ALPACA = ["instruction", "input", "output"]
 def load(path: Path, checked=True):
     """As data.py does: check the file, then let datasets read it with the keyword arguments the check gave.
     Unchecked, datasets reads it as a Hub data set's files are read: check_text_fields is all that looks."""
-    kwargs = rowcheck.check_file(path) if checked else {}
+    kwargs = datafile.check_file(path) if checked else {}
     kind = "csv" if path.suffix == ".csv" else "json"
     return load_dataset(kind, data_files=[str(path)], split="train", **kwargs)
 
@@ -31,9 +31,9 @@ def test_bytes_that_are_not_utf8_name_the_byte_the_line_and_the_iconv_fix(tmp_pa
         good.write_text(korean * 3 if suffix != ".csv" else "instruction,output\n안녕,네\n", encoding="utf-8")
         bad = tmp_path / f"bad{suffix}"
         bad.write_bytes(good.read_bytes() + korean.encode("cp949"))
-        assert rowcheck.check_file(good) is not None
+        assert datafile.check_file(good) is not None
         with pytest.raises(UserError) as err:
-            rowcheck.check_file(bad)
+            datafile.check_file(bad)
         msg = str(err.value)
         start = len(good.read_bytes()) + len('{"instruction": "')
         assert "not UTF-8" in msg and "iconv -f cp949 -t utf-8" in msg and bad.name in msg
@@ -42,17 +42,17 @@ def test_bytes_that_are_not_utf8_name_the_byte_the_line_and_the_iconv_fix(tmp_pa
     western = tmp_path / "w.jsonl"
     western.write_bytes('{"text": "café"}\n'.encode("cp1252"))
     with pytest.raises(UserError, match="iconv -f cp1252"):
-        rowcheck.check_file(western)
+        datafile.check_file(western)
     utf16 = tmp_path / "u.jsonl"
     utf16.write_bytes(korean.encode("utf-16"))
     with pytest.raises(UserError, match="UTF-16.*iconv -f utf-16"):
-        rowcheck.check_file(utf16)
+        datafile.check_file(utf16)
 
 
 def test_a_multibyte_character_across_a_read_block_is_not_an_error(tmp_path):
     path = tmp_path / "long.csv"
     path.write_text("text\n" + "가" * 5000 + "\n", encoding="utf-8")  # 3 bytes a character
-    lines = list(rowcheck.utf8_blocks(path, size=1000))  # blocks end at newlines, not inside a character
+    lines = list(datafile.utf8_blocks(path, size=1000))  # blocks end at newlines, not inside a character
     assert "".join(text for _, text in lines) == path.read_text(encoding="utf-8")
     assert [n for n, _ in lines] == [1, 2]
 
@@ -61,9 +61,9 @@ def test_a_json_of_columns_is_refused_with_a_converter_that_works(tmp_path):
     cols = tmp_path / "cols.json"
     cols.write_text(json.dumps({"instruction": ["a", "b"], "output": ["0", "y"]}), encoding="utf-8")
     with pytest.raises(UserError) as err:
-        rowcheck.check_file(cols)
-    assert "holds columns" in str(err.value) and "python -m sftkit.rowcheck" in str(err.value)
-    out = subprocess.run([sys.executable, "-m", "sftkit.rowcheck", str(cols)], cwd=ROOT, capture_output=True,
+        datafile.check_file(cols)
+    assert "holds columns" in str(err.value) and "python -m sftkit.datafile" in str(err.value)
+    out = subprocess.run([sys.executable, "-m", "sftkit.datafile", str(cols)], cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout
     rows = tmp_path / "cols.jsonl"
     rows.write_text(out, encoding="utf-8")
@@ -71,7 +71,7 @@ def test_a_json_of_columns_is_refused_with_a_converter_that_works(tmp_path):
     pandas = tmp_path / "pandas.json"  # DataFrame.to_json()'s default layout
     pandas.write_text(json.dumps({"instruction": {"0": "a", "1": "b"}, "output": {"0": "x", "1": "y"}}))
     with pytest.raises(UserError, match="holds columns"):
-        rowcheck.check_file(pandas)
+        datafile.check_file(pandas)
 
 
 CHAT_ROW = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
@@ -81,40 +81,40 @@ CHAT_ROW = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant",
 def test_json_documents_of_rows_pass(tmp_path, doc):
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(doc), encoding="utf-8")
-    assert rowcheck.check_file(path) == {}
+    assert datafile.check_file(path) == {}
 
 
 def test_a_json_file_holding_json_lines_is_read_as_lines(tmp_path):
     path = write_jsonl(tmp_path / "rows.json", [{"text": "a"}, {"text": "b"}, {"text": "c", "text2": 1}])
-    assert rowcheck.check_file(Path(path)) == {}
+    assert datafile.check_file(Path(path)) == {}
     Path(path).write_text('{"text": "a"}\n{"text": "b", "text": "c"}\n')
     with pytest.raises(UserError, match="line 2: the keys \\['text'\\] appear twice"):
-        rowcheck.check_file(Path(path))
+        datafile.check_file(Path(path))
 
 
 def test_names_given_twice_are_refused_in_csv_headers_and_json_objects(tmp_path):
     csv = tmp_path / "dup.csv"
     csv.write_text("instruction,output,output\na,b,c\n")
     with pytest.raises(UserError, match=r"columns \['output'\] appear more than once"):
-        rowcheck.check_file(csv)
+        datafile.check_file(csv)
     nested = tmp_path / "nested.jsonl"  # datasets keeps the last of these without a word
     nested.write_text('{"messages": []}\n{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}\n')
     with pytest.raises(UserError, match=r"line 2: the keys \['role'\]"):
-        rowcheck.check_file(nested)
+        datafile.check_file(nested)
     doc = tmp_path / "doc.json"
     doc.write_text('[{"instruction": "a", "output": "x", "output": "y"}]')
     with pytest.raises(UserError, match=r"the keys \['output'\]"):
-        rowcheck.check_file(doc)
+        datafile.check_file(doc)
 
 
 def test_lines_that_are_not_one_object_name_the_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b",}\n')
     with pytest.raises(UserError, match="line 3 is not valid JSON"):
-        rowcheck.check_file(path)
+        datafile.check_file(path)
     path.write_text('{"text": "a"}\n["a", "b"]\n')
     with pytest.raises(UserError, match="line 2 holds a list, not an object"):
-        rowcheck.check_file(path)
+        datafile.check_file(path)
 
 
 def test_a_column_that_is_text_in_some_lines_and_not_in_others_is_refused_by_line(tmp_path):
@@ -124,15 +124,15 @@ def test_a_column_that_is_text_in_some_lines_and_not_in_others_is_refused_by_lin
     path = Path(write_jsonl(tmp_path / "late.jsonl", rows + [{"instruction": "q", "output": 0, "id": 5}]))
     with pytest.raises(UserError, match=r"column 'output' holds text in some rows and a number in others \(first "
                                         r"on line 6\).*\"0\""):
-        rowcheck.check_file(path)
+        datafile.check_file(path)
     turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     path = Path(write_jsonl(tmp_path / "chat.jsonl", [{"messages": turns}] * 3 + [
         {"messages": [turns[0], {"role": "assistant", "content": ["a", "b"]}]}]))
     with pytest.raises(UserError, match=r"column 'messages' \(its turns' 'content'\) holds text in some rows and a "
                                         r"list in others \(first on line 4\)"):
-        rowcheck.check_file(path)
+        datafile.check_file(path)
     ok = Path(write_jsonl(tmp_path / "ok.jsonl", [{"output": "a", "n": 1}, {"output": None, "n": 2.5}]))
-    assert rowcheck.check_file(ok) == {}  # null is empty, not another type; numbers-only columns are not text
+    assert datafile.check_file(ok) == {}  # null is empty, not another type; numbers-only columns are not text
 
 
 def test_csv_cells_are_read_as_written(tmp_path):
