@@ -87,7 +87,7 @@ def train(
       r: LoRA rank.
       lora_alpha: LoRA scaling numerator (scale = lora_alpha / r).
       lora_dropout: dropout on the LoRA input (0 lets Unsloth use its fastest kernels).
-      target_modules: comma-separated module names that get LoRA adapters.
+      target_modules: comma-separated module names that get LoRA adapters (embed_tokens, lm_head: --train_embeddings).
       use_gradient_checkpointing: recompute activations to save memory (Unsloth's offloaded variant on its path).
       train_embeddings: also train embed_tokens and lm_head in full (new tokens; ~9.8 GB more for 8B: not on a T4).
       per_device_train_batch_size: rows per micro-batch on each GPU.
@@ -137,8 +137,8 @@ def train(
 
         # 5. Plan the micro-batches (--fast), add LoRA, build TRL's SFTTrainer.
         plan = trainer.plan_batches(a, choice, trainer.longest_row(a, choice, fitted), world_size)
-        extra, token_info = special_tokens.prepare(model, tokenizer, template, a["train_embeddings"], train_rows,
-                                                   row_fixer(choice))
+        extra, token_info = special_tokens.prepare(model, tokenizer, template, train_rows, row_fixer(choice),
+                                                   train_embeddings=a["train_embeddings"])
         model = trainer.attach_lora(model, a, choice, plan, extra)
         meter = memory.Meter().start()
         trainer.log_data(info, train_rows, eval_rows, template, plan, world_size)

@@ -41,7 +41,8 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
     infer)  # batch 1 and 32, fp16; compiled variants compile per batch size. hf-cudagraphs (eager kernels in graphs)
             # matched eager tokens under the cap where inductor's did not: its speed decides --cuda_graphs on a T4
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
-        --backends ${INFER:-hf-served,unsloth-served,hf-graphs,hf-cudagraphs} --baseline hf-served --new_tokens 64 --batch 32 --repeats 2 \
+        --backends ${INFER:-hf-served,unsloth-served,hf-graphs,hf-cudagraphs} --baseline hf-served \
+        --new_tokens 64 --batch 32 --repeats 2 \
         --worker_timeout 330 --out "$OUT/infer-8b-t4.json" 2>&1 | tee "$OUT/infer-8b-t4.log" | grep -v '^{' ;;
     infer-profile)  # where a batch-1 token's time goes under the cap (the 3x decoding target: 1.27x so far)
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
@@ -49,12 +50,14 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
         --profile_tokens 16 --worker_timeout 250 --out "$OUT/infer-profile-8b-t4.json" 2>&1 \
         | tee "$OUT/infer-profile-8b-t4.log" | grep -v '^{' ;;
     tests-t4|tests-bare)  # the whole GPU suite: under the cap in fp16 (as a T4 trains), or on the bare GPU. Under
-      # the cap it outlasts one call (21 of 25 tests in 570 s): split it, e.g. TESTS_K="test_gpu.py" then "not test_gpu.py"
+      # the cap it outlasts one call (21 of 25 tests in 570 s): split it, e.g. TESTS_K="test_gpu.py", then
+      # TESTS_K="not test_gpu.py"
       mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc
       export PYTHONPATH=$PYTHONPATH:/tmp/lc/site LLAMA_CPP_DIR=/tmp/lc/conv LLAMA31_TOKENIZER=$PWD/.gpu/fixture
       if [ "$stage" = tests-t4 ]; then export SFTKIT_TEST_DTYPE=fp16; wrap=$T4; else unset SFTKIT_TEST_DTYPE; wrap=; fi
       timeout "${TESTS_TIMEOUT:-560}" $wrap python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --durations=8 \
         ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/$stage.log" | tail -40 ;;
-    *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, infer-profile, tests-t4, tests-bare)"; exit 2 ;;
+    *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, infer-profile, tests-t4," \
+         "tests-bare)"; exit 2 ;;
   esac
 done

@@ -200,10 +200,6 @@ def kind(value) -> str:
     return {str: "text", list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a number")
 
 
-def count(rows: list, one: str = "", many: str = "") -> str:
-    return f"1 row {one}".strip() if len(rows) == 1 else f"{len(rows):,} rows {many}".strip()
-
-
 def convert_main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m sftkit.datafile FILE.json > FILE.jsonl  (a .json of columns, written as rows)",

@@ -4,7 +4,7 @@
 local file's bytes and layout before datasets reads it.
 """
 
-from .datafile import count, kind
+from .datafile import kind
 from .errors import UserError
 
 # The speakers data sets use, by the role the chat templates know them as.
@@ -48,6 +48,10 @@ def check_text_fields(ds, fields: list[str], fmt: str, mapping: dict | None = No
             raise UserError(f"column {name!r} must hold text; {count(rows, 'holds', 'hold')} something else: "
                             f"{said}{more(rows)}. Write each as one string (a number in quotes, e.g. \"0\"; a list "
                             f"joined into one text), or map a text column onto it with --columns '{field}=COLUMN'.")
+
+
+def count(rows: list, one: str = "", many: str = "") -> str:
+    return f"1 row {one}".strip() if len(rows) == 1 else f"{len(rows):,} rows {many}".strip()
 
 
 def more(rows: list) -> str:
@@ -112,3 +116,11 @@ def turn_problem(turns) -> str | None:
         if turn.get(key) is not None and not isinstance(turn[key], str):
             return f"turn {n}'s {key} is {kind(turn[key])}, not text"
     return None
+
+
+if __name__ == "__main__":  # the converter's old name, which earlier error messages gave: it moved to datafile.py
+    import sys
+
+    from .datafile import convert_main
+
+    sys.exit(convert_main(sys.argv[1:]))

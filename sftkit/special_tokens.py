@@ -152,7 +152,7 @@ def fix_with(fixer, model, ids, tokenizer, ids_of_rows, who: str = "the backend'
     return done, fix_untrained(model, [i for i in bad if i not in done], tokenizer)
 
 
-def prepare(model, tokenizer, template, train_embeddings: bool, rows, fixer=None) -> tuple[dict, dict]:
+def prepare(model, tokenizer, template, rows, fixer=None, *, train_embeddings: bool) -> tuple[dict, dict]:
     """(extra LoRA arguments, what run.json records). Control tokens the template uses whose embedding or lm_head
     rows were never trained (zero in the real Llama 3.1 base: <|start_header_id|>, <|eot_id|>, ...) are set from the
     trained rows (by the backend's own fix where it has one, fixer: Unsloth's; else, or for rows it left, sftkit's

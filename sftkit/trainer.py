@@ -27,7 +27,7 @@ def world() -> tuple[int, int]:
 
 def check_args(args: dict) -> dict:
     """Arguments that need no model or data, checked before anything slow; returns them normalised (the run
-    folder's default name, target modules as a list)."""
+    folder's default name, target modules as a list; embed_tokens / lm_head among them set train_embeddings)."""
     args = dict(args)
     args["output_dir"] = args["output_dir"] or default_name(args["model_name"], args["dataset"])
     args["target_modules"] = names(args["target_modules"])  # text from the command line, or a list

@@ -66,8 +66,8 @@ def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base,
 def test_run_record_says_which_fix_set_each_row(base):
     model, tok = base
     rows = [{"messages": [{"role": "user", "content": "질문"}, {"role": "assistant", "content": "답"}]}]
-    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), False, rows,
-                                        ("Unsloth's", unsloth_like({})))
+    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), rows,
+                                        ("Unsloth's", unsloth_like({})), train_embeddings=False)
     assert rec == {"untrained": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                    "set_by_backend": ["<|start_header_id|>", "<|end_header_id|>"], "set_by_sftkit": ["<|eot_id|>"],
                    "train_embeddings": False}
@@ -127,8 +127,8 @@ def test_unsloths_own_fix_sets_the_template_rows_and_nothing_the_adapter_does_no
     before = emb.detach().clone(), out.detach().clone()
     rows = [{"messages": [{"role": "user", "content": f"질문 {i}"}, {"role": "assistant", "content": f"답 {i}"}]}
             for i in range(6)]
-    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), False, rows,
-                                        ("Unsloth's", unsloth_row_fix))
+    extra, rec = special_tokens.prepare(model, tok, prompts.load("llama-3.1-chat"), rows,
+                                        ("Unsloth's", unsloth_row_fix), train_embeddings=False)
     assert rec["untrained"] == names and rec["set_by_backend"] == names and rec["set_by_sftkit"] == []
     assert special_tokens.untrained(model, ids) == []
     others = torch.ones(emb.shape[0], dtype=torch.bool)
