@@ -34,6 +34,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
     """
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, load_model  # unsloth first, when chosen
+    from sftkit.backend.models import trainables_to_fp32
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -81,9 +82,7 @@ def main(model_dir: str, configs: str = "2x4,8x1", steps: int = 4, backend: str 
         shapes = count_positions(trainer)
         if choice.dtype == "fp16":  # the gradient scaler takes fp32 LoRA weights only (train_unsloth's runs have them)
             print("trainable dtypes:", sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}))
-            for p in trainer.model.parameters():
-                if p.requires_grad:
-                    p.data = p.data.float()
+            trainables_to_fp32(trainer.model)
         res = trainer.train()
         gpu_us, launches, _ = profiler_counts(cb.prof.events())
         heaviest = sorted(cb.prof.key_averages(), key=lambda e: -e.self_device_time_total)[:top]

@@ -118,27 +118,26 @@ def row_ids(tokenizer, template: Template, rows, n: int = SCAN) -> list[list[int
     return out
 
 
-def fix_with(fixer, model, ids, tokenizer, ids_of_rows, who: str = "the backend's") -> tuple[list[int], list[int]]:
-    """Runs a backend's own fix (Unsloth's fix_untrained_tokens on its path) on the untrained rows among ids, then
-    sftkit's for any it left as they were. Rows it set outside those ids (Unsloth sets every untrained row the data
+def fix_with(fixer, model, bad, tokenizer, ids_of_rows, who: str = "the backend's") -> tuple[list[int], list[int]]:
+    """Runs a backend's own fix (Unsloth's fix_untrained_tokens on its path) on the untrained rows `bad` (as
+    untrained() found them among the template's ids), then sftkit's for any it left as they were. Rows it set outside those ids (Unsloth sets every untrained row the data
     or template use, and zeroes the output rows of reserved tokens) are put back: the adapter carries only these
     ids' rows, so inference would not see those changes. Returns (ids the backend's fix set, ids sftkit's set)."""
     import torch
 
-    bad = untrained(model, ids)
     if not bad:
         return [], []
     weights = matrices(model)
     others = sorted(set(torch.nonzero(dead(weights[0])).flatten().tolist()) - set(bad))
-    kept = [w[torch.tensor(others, dtype=torch.long, device=w.device)].cpu() for w in weights]
+    where = [torch.tensor(others, dtype=torch.long, device=w.device) for w in weights]
+    kept = [w[at].cpu() for w, at in zip(weights, where)]
     before = [w[torch.tensor(bad, device=w.device)].clone() for w in weights]
     fixer(model, tokenizer, ids_of_rows)
     moved = 0
     with torch.no_grad():
-        for w, rows in zip(weights, kept):
-            where = torch.tensor(others, dtype=torch.long, device=w.device)
-            moved += int((w[where].cpu() != rows).any(dim=1).sum()) if others else 0
-            w[where] = rows.to(w.device)
+        for w, at, rows in zip(weights, where, kept):
+            moved += int((w[at].cpu() != rows).any(dim=1).sum())
+            w[at] = rows.to(w.device)
     if moved:
         log.info("%s fix also changed %d rows of tokens the template does not use (reserved ones): put back, since "
                  "the adapter does not carry them", who, moved)
@@ -163,7 +162,7 @@ def prepare(model, tokenizer, template, rows, fixer=None, *, train_embeddings: b
     bad = untrained(model, ids)
     by_backend, by_sftkit = [], []
     if bad and fixer:  # fixer: (name, function), the backend's own fix
-        by_backend, by_sftkit = fix_with(fixer[1], model, ids, tokenizer, row_ids(tokenizer, template, rows), fixer[0])
+        by_backend, by_sftkit = fix_with(fixer[1], model, bad, tokenizer, row_ids(tokenizer, template, rows), fixer[0])
     elif bad or train_embeddings:
         by_sftkit = fix_untrained(model, ids, tokenizer)
     extra = lora_embedding_kwargs(model) if train_embeddings else lora_token_kwargs(model, bad) if bad else {}

@@ -51,7 +51,8 @@ def test_the_backends_own_fix_goes_first_and_sftkit_sets_only_what_it_left(base,
     seen = {}
     ids = special_tokens.template_token_ids(tok, template)
     with caplog.at_level(logging.INFO, logger="sftkit"):
-        got = special_tokens.fix_with(unsloth_like(seen), model, ids, tok, rendered, "Unsloth's")
+        got = special_tokens.fix_with(unsloth_like(seen), model, special_tokens.untrained(model, ids), tok, rendered,
+                                      "Unsloth's")
     assert got == (HEADERS_EOT[:2], [128009]) and seen["rows"] is rendered
     assert torch.all(emb[HEADERS_EOT[:2]] == 0.5) and torch.all(out[HEADERS_EOT[:2]] == 0.5)
     for w in (emb, out):  # sftkit's mean for <|eot_id|>: neither zero nor the stand-in's value

@@ -166,10 +166,15 @@ def trainable_in_fp32(model, choice):
     only fp32 gradients, and TRL's SFTTrainer turns a quantized model's LoRA weights into bf16 (the QLoRA paper's
     choice, made for bf16 runs): a T4's fp16 run then crashed at the first optimizer step. The base stays 4-bit /
     16-bit; autocast still runs the matmuls in fp16. Unsloth's trainer handles this on its path."""
-    import torch
-
     if choice.unsloth or choice.dtype != "fp16":
         return 0
+    return trainables_to_fp32(model)
+
+
+def trainables_to_fp32(model) -> int:
+    """Puts every trainable parameter in fp32 (the gradient scaler's dtype); returns how many moved."""
+    import torch
+
     moved = 0
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
