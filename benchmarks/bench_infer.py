@@ -99,16 +99,20 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
             model = merge_adapter(model)
             merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
+    batch_extra = dict(extra)
     if "compiled" in extra:
-        from sftkit.generate import compiled_decoding
+        from sftkit.generate import GRAPH_CACHE, compiled_decoding
 
-        # The cache length infer.py --cuda_graphs starts a chat with, so later prompts reuse the graph.
-        extra.update(compiled_decoding(model, extra.pop("compiled"), max_cache_len=2048))
+        mode = extra.pop("compiled")
+        # As infer.py --cuda_graphs: one prompt at a time (a chat) starts with the cache it keeps for later
+        # prompts; a batch file sizes it to its prompts (32 rows of 2048 tokens would be 8.6 GB of KV for 8B).
+        extra.update(compiled_decoding(model, mode, max_cache_len=GRAPH_CACHE))
+        batch_extra = {**extra, **compiled_decoding(model, mode)}
+        batch_extra.pop("max_cache_len", None)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
     tok.padding_side = "left"
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-               **extra)
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
 
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)  # CPU: a dry run of the harness (shape tiny)
@@ -118,7 +122,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
         sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
-            outp = model.generate(**enc, **gen)
+            outp = model.generate(**enc, **gen, **(extra if len(texts) == 1 else batch_extra))
         sync()
         produced = (outp.shape[1] - enc["input_ids"].shape[1]) * len(texts)
         return produced, time.perf_counter() - t0
@@ -127,6 +131,9 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     # A compiled decode step is specialised to its batch size and cache length, so switching sizes recompiles.
     first = [timed(prompts[:1])[1]]
     single = [timed(prompts[:1]) for _ in range(repeats)]
+    partial = {"variant": variant, "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
+               "bs1_each": [round(n / t, 1) for n, t in single], "first_bs1_s": round(first[0], 1)}
+    print(json.dumps(partial), flush=True)  # kept in the log if the batch measurement fails (e.g. out of memory)
     first.append(timed(prompts)[1])
     many = [timed(prompts) for _ in range(repeats)]
     res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -186,12 +193,14 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
                     rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=worker_timeout).returncode
                 except subprocess.TimeoutExpired:
                     rc = f"timed out after {worker_timeout} s"
+            text = log.read_text(errors="replace")
+            partial = [json.loads(x) for x in text.splitlines() if x.startswith('{"variant"')]
             results.append({**(json.loads(tmp.read_text()) if tmp.exists() else
-                                {"variant": b, "rc": rc, "error": log.read_text(errors="replace")[-1500:]}),
+                                {**(partial[-1] if partial else {"variant": b}), "rc": rc, "error": text[-1500:]}),
                             "round": rnd})
             print(json.dumps(results[-1])[:600], flush=True)
     key = f"bs{batch}_tokens_per_s"
-    ok = [r for r in results if "error" not in r]
+    ok = [r for r in results if "bs1_tokens_per_s" in r]  # a batch that failed keeps its batch-1 figures
     base = {r["round"]: r for r in ok if r["variant"] == baseline}
     ratios = []  # each variant / the baseline within a round: the pairs that shared the machine's state most closely
     for r in ok:
@@ -199,17 +208,19 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
             b = base[r["round"]]
             ratios.append({"round": r["round"], "variant": r["variant"], "baseline": baseline,
                            "bs1": round(r["bs1_tokens_per_s"] / b["bs1_tokens_per_s"], 3),
-                           f"bs{batch}": round(r[key] / b[key], 3)})
+                           f"bs{batch}": round(r[key] / b[key], 3) if key in r and key in b else None})
     print(f"| round | variant | bs1 tokens/s | bs1 / {baseline} | {key} | batch/bs1 | peak reserved GB |\n"
           "|---|---|---|---|---|---|---|")
     for r in ok:
         vs = (f"{r['bs1_tokens_per_s'] / base[r['round']]['bs1_tokens_per_s']:.2f}x" if r["round"] in base
               else "-")
-        print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {r[key]} | "
-              f"{r[key] / r['bs1_tokens_per_s']:.1f}x | {r['peak_reserved_gb']} |")
+        many = f"{r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x" if key in r else "failed (see error) | -"
+        print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {many} | "
+              f"{r.get('peak_reserved_gb')} |")
     for x in ratios:
+        many = x[f"bs{batch}"]
         print(f"round {x['round']}: {x['variant']} / {baseline} at bs1 {x['bs1']:.2f}x, "
-              f"at bs{batch} {x[f'bs{batch}']:.2f}x")
+              f"at bs{batch} {f'{many:.2f}x' if many else '-'}")
     for name in names:
         bs1 = sorted(x["bs1"] for x in ratios if x["variant"] == name)
         if len(bs1) > 1:

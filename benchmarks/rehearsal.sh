@@ -46,7 +46,7 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
         --worker_timeout 330 --out "$OUT/infer-8b-t4.json" 2>&1 | tee "$OUT/infer-8b-t4.log" | grep -v '^{' ;;
     infer-profile)  # where a batch-1 token's time goes under the cap (the 3x decoding target: 1.27x so far)
       $T4 python3 benchmarks/bench_infer.py --shape llama-3.1-8b --dtype fp16 --cache "$CACHE" \
-        --backends hf-served,unsloth-served --baseline hf-served --new_tokens 32 --batch 1 --repeats 1 \
+        --backends ${INFER:-hf-served,unsloth-served,hf-cudagraphs} --baseline hf-served --new_tokens 32 --batch 1 --repeats 1 \
         --profile_tokens 16 --worker_timeout 250 --out "$OUT/infer-profile-8b-t4.json" 2>&1 \
         | tee "$OUT/infer-profile-8b-t4.log" | grep -v '^{' ;;
     tests-t4|tests-bare)  # the whole GPU suite: under the cap in fp16 (as a T4 trains), or on the bare GPU. Under

@@ -5,6 +5,7 @@ The template comes from the training run's run.json, so inference renders prompt
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from . import prompts, stopping
@@ -127,10 +128,11 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
         check_fields(template, rows)
         prompts.check_system(template, system)
     because = ""
-    if cuda_graphs and cuda_available() and not graphs_verified(torch_capability()):
+    if cuda_graphs and cuda_available() and not graphs_verified(torch_capability(), mps_sm_share()):
         # Before the backend is chosen: without the flag, auto keeps Unsloth's fast generation on such a GPU.
-        log.info("--cuda_graphs is off on this GPU (compute capability %d.%d): compiled decoding was checked against "
-                 "eager decoding on H100/H200 only; decoding as without the flag", *torch_capability())
+        log.info("--cuda_graphs is off on this GPU (compute capability %d.%d, %d%% of its SMs): compiled decoding "
+                 "was checked against eager decoding on whole H100/H200 GPUs only; decoding as without the flag",
+                 *torch_capability(), mps_sm_share())
         cuda_graphs = False
     if cuda_graphs:  # before the (slow) model load
         backend, because = graphs_backend(backend, load_in_4bit)
@@ -180,13 +182,23 @@ def check_fields(template, rows=None):
                             f"{template.name!r} uses: add the key(s) to every line.")
 
 
-def graphs_verified(capability) -> bool:
+def graphs_verified(capability, sm_share: int = 100) -> bool:
     """Whether --cuda_graphs may compile here. On bare H100/H200 it gave eager decoding's tokens
-    (tests/test_gpu_graphs.py). No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it, and
-    in the T4 rehearsal (an H200 capped to 10 SMs by MPS, still 9.0) inductor's compiled tokens differed from eager
-    (the eager kernels in graphs, and the static cache alone, matched). So a T4 decodes as without the flag rather
-    than risk other answers; 8.0+ (A100, L4, H100) compiles."""
-    return tuple(capability) >= (8, 0)
+    (tests/test_gpu_graphs.py). No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it. Under
+    an MPS cap on the SMs (`sm_share` percent, the T4 rehearsal's 8% of an H200, which still reports 9.0 and all
+    132 SMs) inductor's compiled tokens differed from eager, its logits 41% apart; the eager kernels recorded into
+    graphs matched but decoded slower than without them (benchmarks/README.md). So a T4, or a GPU shared through
+    MPS, decodes as without the flag rather than risk other answers; a whole 8.0+ GPU (A100, L4, H100) compiles."""
+    return tuple(capability) >= (8, 0) and sm_share >= 100
+
+
+def mps_sm_share() -> int:
+    """Percent of the GPU's SMs this process may use: NVIDIA MPS's per-client cap where one is set, else 100."""
+    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "").strip()
+    try:
+        return min(100, int(float(share))) if share else 100
+    except ValueError:  # not a number: MPS would refuse it; the GPU is then not shared that way
+        return 100
 
 
 def cuda_available() -> bool:

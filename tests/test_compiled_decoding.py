@@ -78,11 +78,18 @@ def test_cuda_graphs_compile_only_on_gpus_where_they_were_checked(monkeypatch, c
 
     assert graphs_verified((9, 0)) and graphs_verified((8, 0)) and graphs_verified((8, 9))  # H100/H200, A100, L4
     assert not graphs_verified((7, 5)) and not graphs_verified((7, 0))  # T4, V100: decode as without the flag
+    assert not graphs_verified((9, 0), 8)  # an H200 capped by MPS (the T4 rehearsal): inductor's tokens differed
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "8")
+    assert generate.mps_sm_share() == 8
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "x")
+    assert generate.mps_sm_share() == 100  # not a cap MPS would take
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    assert generate.mps_sm_share() == 100
     monkeypatch.setattr(generate, "cuda_available", lambda: True)
     monkeypatch.setattr(generate, "torch_capability", lambda: (7, 5))
     with caplog.at_level(logging.INFO, logger="sftkit"):
         g = open_generator(model_name=TINY, cuda_graphs=True, max_new_tokens=2)  # this CPU plays a T4
-    assert "--cuda_graphs is off on this GPU (compute capability 7.5)" in caplog.text
+    assert "--cuda_graphs is off on this GPU (compute capability 7.5, 100% of its SMs)" in caplog.text
     assert "because --cuda_graphs" not in caplog.text and "compile_config" not in g.gen
     with pytest.raises(UserError) as err:  # the refusal is about this CPU, no longer about --cuda_graphs
         open_generator(model_name=TINY, backend="unsloth", cuda_graphs=True)

@@ -35,7 +35,7 @@ print(json.dumps({"compiled": hasattr(g.model.get_base_model(), "_compiled_call"
 
 
 @pytest.mark.parametrize("mode", ["inductor", "fused", "cudagraphs", "static"])
-def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path, mode):
+def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path, mode, request):
     """compiled_decoding lets transformers compile the 4-bit decode step into CUDA graphs (it refuses bitsandbytes
     on its own). In a process of its own: Unsloth, imported by the other tests, patches transformers' Llama. The
     modes take it apart (under the T4 rehearsal's cap inductor's tokens differed, the last two matched): inductor's
@@ -45,6 +45,15 @@ def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path
     import subprocess
     import sys
 
+    import torch
+
+    from sftkit.generate import graphs_verified, mps_sm_share
+
+    if mode in ("inductor", "fused") and not graphs_verified(torch.cuda.get_device_capability(), mps_sm_share()):
+        # Still run and reported: where --cuda_graphs is off (a T4, or the rehearsal's MPS cap, under which
+        # inductor's tokens differed from eager), a mismatch of inductor's kernels is known, not a product failure.
+        request.applymarker(pytest.mark.xfail(reason="--cuda_graphs does not compile on this GPU (graphs_verified)",
+                                              strict=False))
     script = tmp_path / "compiled.py"
     script.write_text(COMPILED_VS_EAGER)
     root = Path(__file__).resolve().parent.parent
@@ -67,7 +76,7 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
 
     import torch
 
-    from sftkit.generate import graphs_verified
+    from sftkit.generate import graphs_verified, mps_sm_share
 
     root = Path(__file__).resolve().parent.parent
     rows = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:5]]
@@ -81,7 +90,7 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
                                *extra], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         answers[name] = [json.loads(line)["answer"] for line in dst.read_text(encoding="utf-8").splitlines()]
-        if name == "graphs" and not graphs_verified(torch.cuda.get_device_capability()):  # a T4: eager, said
+        if name == "graphs" and not graphs_verified(torch.cuda.get_device_capability(), mps_sm_share()):  # said
             assert "--cuda_graphs is off on this GPU" in done.stderr
         elif name == "graphs":  # and transformers did not fall back to eager decoding
             assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr

@@ -85,9 +85,9 @@ def test_cuda_graphs_and_compare_base_stop_at_an_id_only_the_generation_config_l
                            "--output_file", str(dst), "--batch_size", "2", "--max_new_tokens", "20", "--cuda_graphs"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    from sftkit.generate import graphs_verified
+    from sftkit.generate import graphs_verified, mps_sm_share
 
-    compiled = graphs_verified(torch.cuda.get_device_capability())  # a T4 decodes eagerly, and says so
+    compiled = graphs_verified(torch.cuda.get_device_capability(), mps_sm_share())  # a T4 decodes eagerly, says so
     assert ("decoding through CUDA graphs" if compiled else "--cuda_graphs is off on this GPU") in done.stderr
     answers = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert [(a["answer"], a["stopped"]) for a in answers] == [("네", "eos")] * 3, answers
