@@ -99,7 +99,6 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
             model = merge_adapter(model)
             merge_s = round(time.perf_counter() - t0, 1)
     model = for_inference(model, choice)
-    batch_extra = dict(extra)
     if "compiled" in extra:
         from sftkit.generate import GRAPH_CACHE, compiled_decoding
 
@@ -107,8 +106,6 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
         # As infer.py --cuda_graphs: one prompt at a time (a chat) starts with the cache it keeps for later
         # prompts; a batch file sizes it to its prompts (32 rows of 2048 tokens would be 8.6 GB of KV for 8B).
         extra.update(compiled_decoding(model, mode, max_cache_len=GRAPH_CACHE))
-        batch_extra = {**extra, **compiled_decoding(model, mode)}
-        batch_extra.pop("max_cache_len", None)
     rows = [json.loads(x) for x in (HERE.parent / "examples/data/korean_safe_sample.jsonl").read_text().splitlines()]
     prompts = [f"### 지시문:\n{r['instruction']}\n\n### 응답:\n" for r in rows[:batch]]
     tok.padding_side = "left"
@@ -121,8 +118,15 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
         enc = tok(texts, return_tensors="pt", padding=True).to(model.device)
         sync()
         t0 = time.perf_counter()
+        kw = extra
+        if len(texts) > 1 and "max_cache_len" in kw:  # a batch sizes the cache as infer.py's batch mode does
+            kw = {**kw, "max_cache_len": -(-(enc["input_ids"].shape[1] + new_tokens) // 256) * 256}
+            # transformers keeps the longest static cache any earlier call asked for (bs1's 2048 tokens: 8.6 GB of
+            # KV at bs32, out of memory under the T4 cap), which a batch file run by infer.py never had
+            for m in model.modules():
+                m.__dict__.pop("_previous_max_cache_length", None)
         with torch.inference_mode():
-            outp = model.generate(**enc, **gen, **(extra if len(texts) == 1 else batch_extra))
+            outp = model.generate(**enc, **gen, **kw)
         sync()
         produced = (outp.shape[1] - enc["input_ids"].shape[1]) * len(texts)
         return produced, time.perf_counter() - t0
