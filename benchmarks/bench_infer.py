@@ -7,6 +7,7 @@ Each backend runs in its own process. Both load the model in 4-bit with a fresh 
 --new_tokens tokens (EOS ignored) at batch 1 and for a batch of --batch prompts. Prints a table, writes JSON.
 """
 
+import contextlib
 import getpass
 import json
 import os
@@ -138,15 +139,14 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
     partial = {"variant": variant, "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
                "bs1_each": [round(n / t, 1) for n, t in single], "first_bs1_s": round(first[0], 1)}
     print(json.dumps(partial), flush=True)  # kept in the log if the batch measurement fails (e.g. out of memory)
-    first.append(timed(prompts)[1])
-    many = [timed(prompts) for _ in range(repeats)]
-    res = {"variant": variant, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-           "bs1_tokens_per_s": round(sum(n for n, _ in single) / sum(t for _, t in single), 1),
-           f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
-           "bs1_each": [round(n / t, 1) for n, t in single],
-           "peak_reserved_gb": round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
-           "merge_s": merge_s, "first_bs1_s": round(first[0], 1), f"first_bs{batch}_s": round(first[1], 1),
-           "inductor_cache_warm": inductor_cache_warm}
+    res = {**partial, "backend": choice.backend, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+           "merge_s": merge_s, "inductor_cache_warm": inductor_cache_warm}
+    if batch > 1:  # at --batch 1 the batch measurement would only repeat (and overwrite) the batch-1 one
+        first.append(timed(prompts)[1])
+        many = [timed(prompts) for _ in range(repeats)]
+        res.update({f"bs{batch}_tokens_per_s": round(sum(n for n, _ in many) / sum(t for _, t in many), 1),
+                    f"first_bs{batch}_s": round(first[1], 1)})
+    res["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None
     if profile_tokens and cuda:
         res["profile_bs1"] = decode_profile(model, tok(prompts[:1], return_tensors="pt").to(model.device),
                                             profile_tokens, tok.pad_token_id, extra)
@@ -198,7 +198,11 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
                 except subprocess.TimeoutExpired:
                     rc = f"timed out after {worker_timeout} s"
             text = log.read_text(errors="replace")
-            partial = [json.loads(x) for x in text.splitlines() if x.startswith('{"variant"')]
+            partial = []  # the batch-1 line a worker printed before failing; one cut off mid-line is skipped
+            for line in text.splitlines():
+                if line.startswith('{"variant"'):
+                    with contextlib.suppress(ValueError):
+                        partial.append(json.loads(line))
             results.append({**(json.loads(tmp.read_text()) if tmp.exists() else
                                 {**(partial[-1] if partial else {"variant": b}), "rc": rc, "error": text[-1500:]}),
                             "round": rnd})
@@ -211,20 +215,22 @@ def main(shape: str = "llama-3.1-8b", backends: str = "unsloth,hf", new_tokens: 
         if r["variant"] != baseline and r["round"] in base:
             b = base[r["round"]]
             ratios.append({"round": r["round"], "variant": r["variant"], "baseline": baseline,
-                           "bs1": round(r["bs1_tokens_per_s"] / b["bs1_tokens_per_s"], 3),
-                           f"bs{batch}": round(r[key] / b[key], 3) if key in r and key in b else None})
+                           "bs1": round(r["bs1_tokens_per_s"] / b["bs1_tokens_per_s"], 3)})
+            if batch > 1:
+                ratios[-1][f"bs{batch}"] = round(r[key] / b[key], 3) if key in r and key in b else None
     print(f"| round | variant | bs1 tokens/s | bs1 / {baseline} | {key} | batch/bs1 | peak reserved GB |\n"
           "|---|---|---|---|---|---|---|")
     for r in ok:
         vs = (f"{r['bs1_tokens_per_s'] / base[r['round']]['bs1_tokens_per_s']:.2f}x" if r["round"] in base
               else "-")
-        many = f"{r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x" if key in r else "failed (see error) | -"
+        many = (f"{r[key]} | {r[key] / r['bs1_tokens_per_s']:.1f}x" if batch > 1 and key in r else
+                "- | -" if batch == 1 else "failed (see error) | -")
         print(f"| {r['round']} | {r['variant']} | {r['bs1_tokens_per_s']} | {vs} | {many} | "
               f"{r.get('peak_reserved_gb')} |")
     for x in ratios:
-        many = x[f"bs{batch}"]
-        print(f"round {x['round']}: {x['variant']} / {baseline} at bs1 {x['bs1']:.2f}x, "
-              f"at bs{batch} {f'{many:.2f}x' if many else '-'}")
+        many = x.get(f"bs{batch}") if batch > 1 else None
+        print(f"round {x['round']}: {x['variant']} / {baseline} at bs1 {x['bs1']:.2f}x"
+              + (f", at bs{batch} {f'{many:.2f}x' if many else '-'}" if batch > 1 else ""))
     for name in names:
         bs1 = sorted(x["bs1"] for x in ratios if x["variant"] == name)
         if len(bs1) > 1:

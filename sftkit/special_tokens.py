@@ -11,7 +11,8 @@ trainable_token_indices: kilobytes, and the adapter carries them to inference), 
 
 import logging
 
-from .prompts import PROBES, Template
+from .own_template import PROBES
+from .prompts import Template
 
 log = logging.getLogger("sftkit")
 DEAD = 1e-3  # a row whose norm is below this share of a typical row's norm is untrained

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FIXTURE, TINY, needs_fixture
-from sftkit import prompts
+from sftkit import own_template, prompts
 from sftkit.errors import UserError
 
 BOS, HEADER_START, HEADER_END = 128000, 128006, 128007
@@ -122,7 +122,7 @@ def test_inference_prompt_is_the_training_prefix(instruct, tmp_path):
 def test_tagged_template_renders_exactly_as_metas(instruct):
     original = json.loads((FIXTURE / "instruct-meta" / "tokenizer_config.json").read_text())["chat_template"]
     instruct.chat_template = original
-    template = prompts.from_tokenizer(instruct)
+    template = own_template.from_tokenizer(instruct)
     assert "{% generation %}" not in original and "{% generation %}" in template.text
     for conv in (CHAT, CHAT[1:], CHAT[1:3]):
         for gen in (False, True):
@@ -131,7 +131,7 @@ def test_tagged_template_renders_exactly_as_metas(instruct):
                                                  add_generation_prompt=gen)
                     == instruct.apply_chat_template(msgs, chat_template=original, tokenize=False,
                                                     add_generation_prompt=gen))
-    ids, mask = prompts.prefix_mask(instruct, CHAT, original)  # the same spans, found by rendering prefixes
+    ids, mask = own_template.prefix_mask(instruct, CHAT, original)  # the same spans, found by rendering prefixes
     assert ids == instruct.apply_chat_template(CHAT, chat_template=template.text, return_dict=True)["input_ids"]
     assert instruct.decode([t for t, m in zip(ids, mask) if m]) == "김치를 볶고 물을 부으세요.<|eot_id|>볶고 끓여요.<|eot_id|>"
 
@@ -193,7 +193,7 @@ def test_a_template_that_cannot_be_tagged_needs_train_on_inputs():
         prompts.for_data("auto", "chat", tok)
     template, _ = prompts.for_data("auto", "chat", tok, answers_only=False)  # whole conversations: usable as it is
     assert template.stop == "<|eot_id|>"
-    ids, mask = prompts.prefix_mask(tok, CHAT[1:3], template.text)
+    ids, mask = own_template.prefix_mask(tok, CHAT[1:3], template.text)
     assert tok.decode([t for t, m in zip(ids, mask) if m]) == "김치를 볶고 물을 부으세요.<|eot_id|>"
 
 

@@ -81,8 +81,10 @@ def test_cuda_graphs_compile_only_on_gpus_where_they_were_checked(monkeypatch, c
     assert not graphs_verified((9, 0), 8)  # an H200 capped by MPS (the T4 rehearsal): inductor's tokens differed
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "8")
     assert generate.mps_sm_share() == 8
-    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "x")
-    assert generate.mps_sm_share() == 100  # not a cap MPS would take
+    for value, share in (("x", 100), ("nan", 100), ("8%", 100), ("", 100), ("100", 100), ("150", 100),
+                         ("99.5", 99), ("0", 0), ("-5", 0), ("inf", 100), ("-inf", 0), ("1e400", 100)):
+        monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", value)
+        assert generate.mps_sm_share() == share, value  # unreadable reads as no cap; others clamp to 0-100
     monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
     assert generate.mps_sm_share() == 100
     monkeypatch.setattr(generate, "cuda_available", lambda: True)

@@ -27,15 +27,22 @@ with torch.inference_mode():
         kw = {**kw, "compile_config": CompileConfig(mode="default")}
     kw = {**kw, "disable_compile": True} if mode == "static" else kw
     runs = [g.model.generate(input_ids=ids, **gen, **kw) for _ in range(2)]  # the second replays the graphs
-e = torch.stack(eager.logits).float()
+e = torch.stack(eager.logits).float()  # (steps, 1, vocab)
+new = eager.sequences[0, ids.shape[1]:]
+first = [next((i for i, (a, b) in enumerate(zip(new, r.sequences[0, ids.shape[1]:])) if a != b), None) for r in runs]
+top2 = e[:, 0].topk(2).values  # eager's margin between its best two tokens at each step: a near-tie flips easily
 print(json.dumps({"compiled": hasattr(g.model.get_base_model(), "_compiled_call"),
                   "same_tokens": [torch.equal(eager.sequences, r.sequences) for r in runs],
-                  "rel_diff": [((torch.stack(r.logits).float() - e).norm() / e.norm()).item() for r in runs]}))
+                  "rel_diff": [((torch.stack(r.logits).float() - e).norm() / e.norm()).item() for r in runs],
+                  # the first step has the same context in both: a kernel difference, not a divergence, shows here
+                  "step0_rel_diff": [((r.logits[0].float() - e[0]).norm() / e[0].norm()).item() for r in runs],
+                  "first_diverging_step": first,
+                  "eager_margin_there": [None if i is None else (top2[i, 0] - top2[i, 1]).item() for i in first]}))
 """
 
 
 @pytest.mark.parametrize("mode", ["inductor", "fused", "cudagraphs", "static"])
-def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path, mode, request):
+def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path, mode):
     """compiled_decoding lets transformers compile the 4-bit decode step into CUDA graphs (it refuses bitsandbytes
     on its own). In a process of its own: Unsloth, imported by the other tests, patches transformers' Llama. The
     modes take it apart (under the T4 rehearsal's cap inductor's tokens differed, the last two matched): inductor's
@@ -49,11 +56,6 @@ def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path
 
     from sftkit.generate import graphs_verified, mps_sm_share
 
-    if mode in ("inductor", "fused") and not graphs_verified(torch.cuda.get_device_capability(), mps_sm_share()):
-        # Still run and reported: where --cuda_graphs is off (a T4, or the rehearsal's MPS cap, under which
-        # inductor's tokens differed from eager), a mismatch of inductor's kernels is known, not a product failure.
-        request.applymarker(pytest.mark.xfail(reason="--cuda_graphs does not compile on this GPU (graphs_verified)",
-                                              strict=False))
     script = tmp_path / "compiled.py"
     script.write_text(COMPILED_VS_EAGER)
     root = Path(__file__).resolve().parent.parent
@@ -62,8 +64,15 @@ def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads(done.stdout.strip().splitlines()[-1])
     print(mode, res)
-    assert res["compiled"] == (mode != "static") and all(res["same_tokens"])
-    assert max(res["rel_diff"]) < 0.02  # bf16 kernels fused differently: close, not bit-identical
+    assert res["compiled"] == (mode != "static")
+    same = all(res["same_tokens"]) and max(res["rel_diff"]) < 0.02  # bf16 kernels fused differently: close
+    if not same and mode in ("inductor", "fused") and not graphs_verified(torch.cuda.get_device_capability(),
+                                                                          mps_sm_share()):
+        # Where --cuda_graphs does not compile (a T4, an MPS-capped GPU: in the rehearsal these tokens differed,
+        # cause not yet isolated) a mismatch of inductor's kernels is known, not the product's; reported with the
+        # figures that tell a kernel difference (step 0) from a near-tie that flipped (the margin).
+        pytest.xfail(f"--cuda_graphs does not compile on this GPU; {mode}: {res}")
+    assert same, res
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])

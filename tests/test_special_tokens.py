@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, needs_fixture
-from sftkit import prompts, special_tokens
+from sftkit import own_template, prompts, special_tokens
 from test_chat_template import fixture_model, fixture_tokenizer
 
 HEADERS_EOT = [128006, 128007, 128009]  # <|start_header_id|>, <|end_header_id|>, <|eot_id|>
@@ -47,7 +47,7 @@ def test_template_tokens_of_each_kind():
     assert special_tokens.template_token_ids(tok, prompts.load("llama-3.1-chat")) == [128000, *HEADERS_EOT]
     assert special_tokens.template_token_ids(tok, prompts.load("alpaca_ko")) == [128000, 128001]
     instruct = fixture_tokenizer("instruct-meta")
-    own = prompts.from_tokenizer(instruct)
+    own = own_template.from_tokenizer(instruct)
     assert special_tokens.template_token_ids(instruct, own) == [128000, *HEADERS_EOT]
 
 

@@ -44,11 +44,11 @@ def run_folder_on(base: str, run: Path) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftkit import prompts
+    from sftkit import own_template
     from sftkit.runfolder import RunFolder
     from sftkit.runrecord import RunRecord
 
-    template = prompts.from_tokenizer(AutoTokenizer.from_pretrained(base))
+    template = own_template.from_tokenizer(AutoTokenizer.from_pretrained(base))
     adapter = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"]))
     adapter.save_pretrained(run)
     RunFolder(run).save(RunRecord(status="finished", args={"model_name": base, "max_seq_length": 256,

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from conftest import FIXTURE, TINY, needs_fixture
-from sftkit import prompts, stopping
+from sftkit import own_template, prompts, stopping
 from test_chat_template import fixture_model, fixture_tokenizer
 
 
@@ -47,7 +47,7 @@ def generate(model, tok, template, token, step=3, max_new_tokens=12):
 def test_stop_ids_of_the_fixture_layouts(flavour, template, expected):
     tok = fixture_tokenizer(flavour)
     config = GenerationConfig.from_pretrained(FIXTURE / flavour)
-    t = prompts.from_tokenizer(tok) if template == "own" else prompts.load(template)
+    t = own_template.from_tokenizer(tok) if template == "own" else prompts.load(template)
     assert stopping.stop_ids(tok, t, config) == expected
     kwargs = stopping.generate_kwargs(tok, t, config)
     assert kwargs["eos_token_id"] == expected and "stop_strings" not in kwargs
@@ -85,5 +85,5 @@ def test_generation_stops_at_each_stop_id_of_the_instruct_layout(token, tmp_path
     tok = fixture_tokenizer("instruct-meta")
     model = fixture_model("instruct-meta", tmp_path)
     model.generation_config = GenerationConfig.from_pretrained(FIXTURE / "instruct-meta")
-    answer, stopped, tokens = generate(model, tok, prompts.from_tokenizer(tok), token)
+    answer, stopped, tokens = generate(model, tok, own_template.from_tokenizer(tok), token)
     assert stopped and tokens == 3
