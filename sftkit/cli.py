@@ -6,6 +6,7 @@ is an error before anything runs, naming the closest known one. The function the
 that were typed, as a Python caller's keywords would be, so "--max_steps 60" is known from no --max_steps at all.
 """
 
+import contextlib
 import difflib
 import inspect
 import logging
@@ -72,6 +73,19 @@ def quiet_libraries():
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()  # its progress bars stay: the Trainer's is one of them
+
+
+@contextlib.contextmanager
+def without_warning(logger: str, text: str):
+    """Drops a library's log records that contain `text` while the block runs (one known not to apply)."""
+    def keep(record):
+        return text not in record.getMessage()
+
+    logging.getLogger(logger).addFilter(keep)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(keep)
 
 
 def command_of(commands: dict, argv: list):

@@ -3,14 +3,15 @@ mode changes the batch, what the record says, what to do after running out of me
 call without training."""
 
 import logging
-import time
 import os
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import checks, data, fastplan, memory, prompts, samples
 from .backend import add_lora, load_model, trainable_in_fp32
-from .cli import names
+from .cli import names, without_warning
 from .errors import UserError
 from .metricslog import metrics_callback
 from .runfolder import RunFolder
@@ -185,9 +186,14 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: s
         visible, config._n_gpu = config.n_gpu, 1
         log.info("%d GPUs visible, using one. For all of them: torchrun --nproc_per_node %d train_unsloth.py ...",
                  visible, visible)
+    # The plain path keeps packed rows apart without flash attention: transformers masks attention per row from the
+    # position ids when no KV cache is kept, as in training (tests/test_formats.py), so TRL's warning does not apply.
+    packed_ok = without_warning("trl.trainer.sft_trainer", "cross-contamination") if not choice.unsloth else nullcontext()
     try:  # TRL tokenizes here and checks the rows against the template (a chat template's generation tags)
-        sft = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows, eval_dataset=eval_rows,
-                         args=config, callbacks=[metrics_callback(Path(output_dir) / "metrics.jsonl"), stopper])
+        with packed_ok:
+            sft = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
+                             eval_dataset=eval_rows, args=config,
+                             callbacks=[metrics_callback(Path(output_dir) / "metrics.jsonl"), stopper])
     except ValueError as err:
         tags = (" For a chat template without {% generation %} tags, pass --train_on_inputs or add the tags "
                 "around the assistant turns." if "generation" in str(err) else "")

@@ -1,6 +1,7 @@
 """Data formats and the loss mask: which tokens the model is trained on."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,30 @@ def test_val_size_logs_eval_loss_and_packing_trains(tmp_path):
     assert json.loads((Path(packed) / "run.json").read_text())["metrics"]["global_step"] == 2
     # ~80-token rows packed into 2048-token sequences: each step sees many more tokens than 8 single rows.
     assert metrics(packed)[0]["tokens_seen"] > 5 * metrics(plain)[0]["tokens_seen"]
+
+
+def test_packed_rows_do_not_attend_to_each_other_on_the_plain_path(tmp_path, monkeypatch, caplog):
+    """--packing without flash attention (the CPU / plain path): transformers masks attention per packed row from
+    the position ids in training, so a row packed after another gives the logits it gives alone, and TRL's
+    cross-contamination warning (meant for other setups) is not shown."""
+    import torch
+    import transformers.masking_utils as masking
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation="sdpa").eval()
+    a, b = torch.tensor([[1, 50, 60, 70, 80]]), torch.tensor([[1, 90, 91, 92]])
+    with torch.no_grad():  # no KV cache, as in training: with one, transformers would not look for packed rows
+        packed = model(input_ids=torch.cat([a, b], 1), position_ids=torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]]),
+                       use_cache=False).logits
+        alone = model(input_ids=b, use_cache=False).logits
+    assert torch.allclose(packed[0, 5:], alone[0], atol=1e-5)
+    found, real = [], masking.find_packed_sequence_indices
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda pos: found.append(real(pos)) or found[-1])
+    with caplog.at_level(logging.WARNING):
+        train(**quick_args(tmp_path, packing=True, max_steps=2, save_steps=0, max_samples=16))
+    rows = [int(m[:, -1].max()) + 1 for m in found if m is not None]
+    assert rows and max(rows) > 1, found  # the training forward passes saw several rows per sequence, kept apart
+    assert "cross-contamination" not in caplog.text
 
 
 def test_sharegpt_turns_in_a_messages_column_are_converted_too(tmp_path):
