@@ -71,3 +71,11 @@ def known_names(optim: str, lr_scheduler_type: str, reporters=("none",)):
             close = difflib.get_close_matches(value, known, n=4)
             raise UserError(f"--{flag} {value!r} is not known to transformers; e.g. {example}"
                             + (f" (close: {', '.join(close)})." if close else "."))
+    from transformers import Trainer, TrainingArguments
+
+    try:  # a known optimizer may need a package (galore, lomo, schedulefree ...): found now, not after the model loads
+        Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=optim, use_cpu=True,
+                                                               report_to="none"))
+    except (ImportError, ValueError) as err:
+        raise UserError(f"--optim {optim} cannot be set up here: {str(err).strip()} Or use --optim adamw_8bit (the "
+                        "notebook's).") from err

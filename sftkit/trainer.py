@@ -13,7 +13,7 @@ from . import checks, data, fastplan, memory, prompts, samples
 from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names, without_warning
 from .errors import UserError
-from .metricslog import metrics_callback
+from .metricslog import metrics_callback, run_mean_loss
 from .runfolder import RunFolder
 from .runrecord import RECORD, RunRecord, default_name
 
@@ -188,7 +188,8 @@ def build_trainer(model, tokenizer, train_rows, eval_rows, config, output_dir: s
                  visible, visible)
     # The plain path keeps packed rows apart without flash attention: transformers masks attention per row from the
     # position ids when no KV cache is kept, as in training (tests/test_formats.py), so TRL's warning does not apply.
-    packed_ok = without_warning("trl.trainer.sft_trainer", "cross-contamination") if not choice.unsloth else nullcontext()
+    packed_ok = (without_warning("trl.trainer.sft_trainer", "cross-contamination") if not choice.unsloth
+                 else nullcontext())
     try:  # TRL tokenizes here and checks the rows against the template (a chat template's generation tags)
         with packed_ok:
             sft = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=train_rows,
@@ -245,7 +246,8 @@ def finish(trainer, folder, record: RunRecord, result, meter) -> bool:
     evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
     record.status = "interrupted" if stopped else "finished"
     record.finished = time.strftime("%Y-%m-%d %H:%M:%S")
-    record.metrics = {**result.metrics, "global_step": state.global_step,
+    record.metrics = {**result.metrics, "train_loss": run_mean_loss(state.log_history),
+                      "global_step": state.global_step,
                       "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
                       "eval_loss": evals[-1] if evals else None}
     record.memory = figures

@@ -42,3 +42,5 @@ def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
     assert rec["resumed_from"].endswith(f"checkpoint-{stopped}")
     steps = [m["step"] for m in metrics(out)]
     assert steps == list(range(1, 151))  # every step once: nothing lost, nothing repeated
+    losses = [m["loss"] for m in metrics(out)]  # the whole run's mean (transformers' divides one session's sum)
+    assert rec["metrics"]["train_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-3)

@@ -131,6 +131,7 @@ def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_w
                                   "'tensorboard'"),
     ({"report_to": "none,comet_ml"}, "--report_to comet_ml needs its package: pip install comet-ml"),
     ({"optim": "adamw_8bti"}, "--optim 'adamw_8bti' is not known to transformers.*adamw_8bit"),
+    ({"optim": "lomo"}, "--optim lomo cannot be set up here: .*pip install lomo-optim.*adamw_8bit"),  # not installed
     ({"lr_scheduler_type": "cosin"}, "--lr_scheduler_type 'cosin' is not known.*cosine"),
 ])
 def test_bad_arguments_are_refused_before_the_run_folder_is_touched(tmp_path, tiny_run, bad, match):

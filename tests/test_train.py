@@ -270,3 +270,13 @@ def test_module_lists_read_one_way_everywhere():
     assert cli.names("q_proj, v_proj,") == ["q_proj", "v_proj"] == cli.names(("q_proj", " v_proj"))
     assert estimate.check_targets("q_proj, v_proj,") == ["q_proj", "v_proj"]
     assert recorded.same("q_proj, v_proj,", ["q_proj", "v_proj"]) and not recorded.same("q_proj", ["q_proj", "v_proj"])
+
+
+def test_run_mean_loss_weights_each_logged_interval_by_its_steps():
+    from sftkit.metricslog import run_mean_loss
+
+    history = [{"loss": 4.0, "step": 2}, {"eval_loss": 9.0, "step": 2}, {"loss": 1.0, "step": 3},
+               {"loss": 2.0, "step": 6}, {"train_loss": 0.5, "step": 6}]  # the summary line carries no "loss"
+    assert run_mean_loss(history) == round((4.0 * 2 + 1.0 + 2.0 * 3) / 6, 4)
+    assert run_mean_loss([]) is None
+
