@@ -83,9 +83,18 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     rec = folder.read()
     if not (folder.path / "adapter_config.json").is_file() or not any(
             (folder.path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise UserError(f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors): "
-                        "the run did not finish saving. "
-                        f"Resume it with train_unsloth.py --resume --output_dir {adapter}")
+        lost = f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors)"
+        if rec.status == "running":
+            raise UserError(f"{lost}: its run is still training, or was killed. Wait for it to finish; if it was "
+                            f"killed, continue it with train_unsloth.py --resume --output_dir {adapter}")
+        if rec.status == "finished":
+            raise UserError(f"{lost}, though its run finished: the adapter files were moved or deleted. Put them "
+                            f"back, or train again with train_unsloth.py --overwrite --output_dir {adapter}")
+        if not folder.checkpoints(quiet=True):
+            raise UserError(f"{lost}: its run ended ({rec.status}) before saving a checkpoint. Train again with "
+                            f"train_unsloth.py --overwrite --output_dir {adapter}")
+        raise UserError(f"{lost}: its run ended ({rec.status}) before saving the adapter. Continue it with "
+                        f"train_unsloth.py --resume --output_dir {adapter}")
     recorded = {"model_name": rec.model_path or rec.args.get("model_name"), "prompt": rec.template,
                 "max_seq_length": rec.args.get("max_seq_length", 2048),
                 "load_in_4bit": rec.args.get("load_in_4bit", True)}

@@ -161,6 +161,9 @@ class RunFolder:
         if self.checkpoints(quiet=True):
             raise UserError(f"{out!r} holds an unfinished run with {self.checkpoints(quiet=True)[-1].name}. Pass "
                             "--resume to continue it, or --overwrite to start again.")
+        if not has_record:  # --overwrite would be refused: never suggest it for files train_unsloth.py did not write
+            raise UserError(f"{out!r} exists and holds files that are not a run (no {RECORD}). Choose an empty or new "
+                            "--output_dir, e.g. outputs/my-run.")
         raise UserError(f"{out!r} exists and is not empty. Choose another --output_dir, or pass --overwrite to "
                         f"replace it{self._replaced_hint()}.")
 
@@ -226,6 +229,10 @@ class RunFolder:
 
     def _no_leftover(self) -> Path:
         old = self.replaced_path()
+        if old.exists() and not (old / RECORD).is_file():  # not sftkit's: the user's own folder by that name
+            raise UserError(f"--overwrite keeps the run it replaces in {old}, which already exists and is not a run "
+                            f"(no {RECORD}). Nothing was changed: rename or move that folder, or choose another "
+                            "--output_dir.")
         if old.exists():  # the run that replaced it has not finished yet: this may be the only finished copy
             raise UserError(f"{old} holds the run an earlier --overwrite of {str(self.path)!r} replaced; it is "
                             "deleted when the run that replaced it finishes (--resume it). Nothing was changed: "

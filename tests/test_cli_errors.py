@@ -4,6 +4,7 @@ made, prompts too long for the window refused."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,8 +78,16 @@ def test_infer_paths_that_cannot_work_are_refused_before_loading(tmp_path, tiny_
     bare.mkdir()
     for name in ("run.json", "adapter_config.json"):
         (bare / name).write_bytes((Path(tiny_run) / name).read_bytes())
-    with pytest.raises(UserError, match="no adapter .*did not finish saving.*--resume"):
-        infer(adapter=str(bare), instruction="안녕")
+    # What to do depends on how the run ended: never advise a --resume that train_unsloth.py would refuse.
+    record = json.loads((bare / "run.json").read_text())
+    for status, ckpt, fix in (("finished", False, "moved or deleted.*--overwrite"), ("running", False,
+                              "still training, or was killed.*--resume"), ("failed", False,
+                              "before saving a checkpoint.*--overwrite"), ("interrupted", True, "--resume")):
+        (bare / "run.json").write_text(json.dumps({**record, "status": status}))
+        if ckpt:
+            shutil.copytree(next(Path(tiny_run).glob("checkpoint-*")), bare / "checkpoint-10")
+        with pytest.raises(UserError, match=f"no adapter .*{fix}"):
+            infer(adapter=str(bare), instruction="안녕")
 
 
 def test_chat_with_stdin_closed_says_so(tiny_run):

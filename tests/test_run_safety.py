@@ -37,6 +37,24 @@ def test_overwrite_that_finishes_drops_the_old_run(tmp_path, tiny_run):
     assert [m["step"] for m in metrics(out)] == [1, 2] and not (tmp_path / "run.replaced").exists()
 
 
+def test_folders_of_the_users_own_are_never_offered_to_overwrite(tmp_path, tiny_run):
+    """A non-empty folder train_unsloth.py did not write: the error does not suggest the --overwrite it would refuse;
+    and a folder of the user's own named RUN.replaced is not called an earlier run."""
+    mine = tmp_path / "run"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds files that are not a run") as err:
+        train(**quick_args(tmp_path, max_steps=2))
+    assert "--overwrite" not in str(err.value)
+    shutil.rmtree(mine)
+    shutil.copytree(tiny_run, mine)
+    (tmp_path / "run.replaced").mkdir()
+    (tmp_path / "run.replaced" / "mine.txt").write_text("mine")
+    with pytest.raises(UserError, match="run.replaced, which already exists and is not a run.*rename or move"):
+        train(**quick_args(tmp_path, max_steps=2, overwrite=True))
+    assert (tmp_path / "run.replaced" / "mine.txt").read_text() == "mine" and (mine / "run.json").is_file()
+
+
 def test_a_leftover_from_an_earlier_overwrite_is_never_deleted(tmp_path, tiny_run):
     shutil.copytree(tiny_run, tmp_path / "run")
     shutil.copytree(tiny_run, tmp_path / "run.replaced")  # maybe the only finished copy
