@@ -216,7 +216,8 @@ def export_gguf(merged_dir: str, out_dir: str, quants, name: str = "model") -> l
                    "(config.json, *.safetensors, tokenizer files): check that one, e.g. from --save_merged 16bit")
         else:
             _child(["_quantize", paths[base], paths[q], q], f"llama.cpp's quantizer ({q})")
-        log.info("GGUF %s written in %.0f s: %s", q, time.time() - started, paths[q])
+        if q in quants:  # the intermediate f16 is removed below: naming it as written would point at nothing
+            log.info("GGUF %s written in %.0f s: %s", q, time.time() - started, paths[q])
     if base not in quants:
         os.remove(paths[base])  # an 8B model's f16 is 16 GB; only the asked-for files stay
     return [paths[q] for q in quants]

@@ -5,10 +5,12 @@ The end-to-end tests need llama-cpp-python and its converter (requirements-gguf.
 """
 
 import json
+import os
 import re
 import shutil
 import sys
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,6 +226,21 @@ def test_learned_answer_survives_gguf_export(learned):
     assert not split["ok"] and "tokenizes differently in llama.cpp: first difference at token 3" in split["reason"]
     only = gguf.verify_gguf(paths[-1], prompt, tok, None, prompt_ids=ids)
     assert only["ok"] and only["prompt_match"] and only["generated"] == []
+
+
+def test_only_the_files_asked_for_are_logged_and_kept(tmp_path, monkeypatch, caplog):
+    """q8_0 alone goes through an intermediate f16, removed afterwards: the log names only what stays."""
+    import logging
+
+    monkeypatch.setattr(gguf, "check_tools", lambda: tmp_path)
+    monkeypatch.setattr(gguf, "pre_tokenizer_name", lambda d: "llama-bpe")
+    monkeypatch.setattr(gguf, "_child", lambda args, what, **kw: Path(args[-3] if args[0] == "_convert"
+                                                                       else args[2]).write_text("gguf"))
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        paths = gguf.export_gguf(str(tmp_path), str(tmp_path / "out"), "q8_0")
+    assert [Path(p).name for p in paths] == ["model-q8_0.gguf"] and sorted(os.listdir(tmp_path / "out")) == [
+        "model-q8_0.gguf"]
+    assert "GGUF q8_0 written" in caplog.text and "GGUF f16 written" not in caplog.text
 
 
 @needs_llama
