@@ -9,6 +9,7 @@ import logging
 import os
 from pathlib import Path
 
+from .datafile import kind, read_text
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -24,9 +25,7 @@ def read_prompts(input_file: str) -> list:
                         "(and optional 'input') per line.")
     need = 'each line needs a JSON object like {"instruction": "your question", "input": ""} ("input" optional)'
     rows = []
-    for n, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered_lines(input_file):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
@@ -36,10 +35,36 @@ def read_prompts(input_file: str) -> list:
         if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
                             f"{need}.")
+        for key in ("input", "system"):  # rendered into the prompt: a number or list there is a wrong column
+            if row.get(key) is not None and not isinstance(row[key], str):
+                raise UserError(f"{input_file} line {n}: {key!r} holds {kind(row[key])}, not text. Write it as one "
+                                "string (in quotes), or remove the key.")
         rows.append(row)
     if not rows:
         raise UserError(f"--input_file {input_file!r} holds no prompts: {need}, one per line.")
     return rows
+
+
+def numbered_lines(input_file: str) -> list:
+    """(line number, text) of the file's non-blank lines: the rows read_prompts returns, in order. Decoded by
+    datafile.read_text, as data files are: a BOM is dropped, and another encoding is refused with its iconv fix."""
+    return [(n, line) for n, line in enumerate(read_text(input_file, "--input_file ").splitlines(), 1) if line.strip()]
+
+
+def check_systems(template, input_file: str, rows: list):
+    """A line's own "system" key needs a chat template. Refused here, naming the file and its lines: the generic
+    check would blame a --system the user never passed."""
+    given = [i for i, r in enumerate(rows) if r.get("system")]
+    if not given or template.kind == "chat":
+        return
+    lines = [n for n, _ in numbered_lines(input_file)] if Path(input_file).is_file() else []
+    at = [str(lines[i] if len(lines) == len(rows) else i + 1) for i in given]  # rows not from this file: positions
+    where = f"line {at[0]}" if len(at) == 1 else f"lines {', '.join(at[:5])}{' and more' if len(at) > 5 else ''}"
+    what = "raw text" if template.kind == "text" else "an instruction template"
+    them = "that line" if len(at) == 1 else "those lines"
+    raise UserError(f"--input_file {input_file} {where}: a \"system\" key needs a chat template, and this run's "
+                    f"template {template.name!r} is {what}. Drop \"system\" from {them}, or answer them with a run "
+                    "(or --prompt) that uses a chat template.")
 
 
 GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -129,6 +154,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, dst)
     todo = [(i, r) for i, r in enumerate(rows) if i not in done]
+    check_systems(g.template, input_file, rows)  # before any answer, naming the lines
     g.check_lengths([(i + 1, g.row_ids(r)) for i, r in todo])  # a prompt past the window fails before any answer
     if done:
         log.info("%s: %d rows already answered, %d to go", output_file, len(done), len(todo))

@@ -44,8 +44,9 @@ def load_dataset_any(dataset: str, split: str = "train"):
     if path.exists():
         if path.is_dir() and (path / "dataset_info.json").exists():
             return datasets.load_from_disk(str(path))
-        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in LOCAL_FORMATS)
-        kinds = {LOCAL_FORMATS.get(p.suffix) for p in files}
+        # Extensions in any case: Windows tools write DATA.JSONL, and the loader is named here, not by the extension.
+        files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS)
+        kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
         if not files or None in kinds or len(kinds) > 1:
             raise UserError(f"--dataset {dataset!r}: expected a .jsonl, .json, .csv or .parquet file, or a folder "
                             f"of files of one such kind; found {[p.name for p in files] or 'nothing usable'}.")
@@ -53,17 +54,18 @@ def load_dataset_any(dataset: str, split: str = "train"):
         if blank:  # checked first: the loaders fail on these with an empty or misleading message
             raise UserError(no_rows(dataset, blank if path.is_dir() else None))
         kwargs = datafile.check_files(files)  # bytes, layout, names given twice; CSV cells read as the text they are
+        kind = kinds.pop()
         try:
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train", **kwargs)
+            ds = datasets.load_dataset(kind, data_files=[str(datafile.loadable(p)) for p in files], split="train",
+                                       **kwargs)
         except Exception as err:
             if "corresponds to no data" in str(err):  # e.g. a .json holding [] or a .csv with only a header
                 raise UserError(no_rows(dataset)) from err
-            raise UserError(f"--dataset {dataset!r} could not be read: {type(err).__name__}: {err}. Check that "
-                            "it is valid .jsonl (one JSON object per line), .json, .csv or .parquet.") from err
+            raise UserError(unreadable(dataset, err)) from err
         if len(ds) == 0:
             raise UserError(no_rows(dataset))
         return ds
-    if dataset.startswith((".", "/", "~")) or path.suffix in LOCAL_FORMATS:
+    if dataset.startswith((".", "/", "~")) or path.suffix.lower() in LOCAL_FORMATS:
         raise UserError(f"--dataset {dataset!r} does not exist. Check the path (relative to the current folder), "
                         "or pass a Hub id such as jojo0217/korean_safe_conversation.")
     try:
@@ -72,6 +74,15 @@ def load_dataset_any(dataset: str, split: str = "train"):
         raise UserError(f"could not load data set {dataset!r} (split {split!r}) from the Hugging Face Hub: "
                         f"{type(err).__name__}: {err}. Check the id and --dataset_split, log in with HF_TOKEN for "
                         "a gated set, or pass a local .jsonl/.json/.csv/.parquet file.") from err
+
+
+def unreadable(dataset: str, err: Exception) -> str:
+    """Why datasets failed: its own error and the one beneath it (DatasetGenerationError alone says nothing; its
+    cause says e.g. "Expected 2 fields in line 3, saw 3"). A .csv split by tabs was refused before, by check_file."""
+    cause = err.__cause__
+    why = f"{type(err).__name__}: {err}" + (f" ({type(cause).__name__}: {str(cause).strip()[:300]})" if cause else "")
+    return (f"--dataset {dataset!r} could not be read: {why}. Check that it is valid .jsonl (one JSON object per "
+            "line), .json, .csv (comma-separated; text holding a comma or a line break in double quotes) or .parquet.")
 
 
 def is_blank(path: Path) -> bool:

@@ -1,14 +1,24 @@
 """A local data file's bytes and layout, checked before datasets reads it: the encoding (UTF-8, with the place of
-a bad byte), JSON Lines vs one JSON document, names given twice, a .json of columns. Each problem is refused with
-its place and its fix. `python -m sftkit.datafile FILE.json > FILE.jsonl` turns a .json of columns into rows.
+a bad byte), JSON Lines vs one JSON document, names given twice, a .json of columns, a .csv split by tabs. Each
+problem is refused with its place and its fix. `python -m sftkit.datafile FILE.json|FILE.csv > FILE.jsonl` turns a
+.json of columns, or a .csv split by tabs or semicolons, into rows. read_text decodes the other input files
+(--sample_prompts, infer.py's --input_file), so a wrong encoding is refused with one message everywhere.
 """
 
+import codecs
 import csv
+import hashlib
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 from .errors import UserError
+
+log = logging.getLogger("sftkit")
+UTF16 = (b"\xff\xfe", b"\xfe\xff")  # Windows Notepad's "Unicode"
+SEPARATORS = {"\t": "tab", ";": "semicolon", "|": "pipe"}  # what spreadsheets write into a ".csv" besides commas
 
 
 def check_files(paths) -> dict:
@@ -27,11 +37,12 @@ def check_file(path: Path) -> dict:
         duplicates(pq.read_schema(path).names, path)
         return {}
     with path.open("rb") as f:
-        if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):  # Windows Notepad's "Unicode"
-            raise UserError(f"{path} is UTF-16 text; it must be UTF-8. Re-save it as UTF-8 (an editor's 'Save as "
-                            f"UTF-8', or `iconv -f utf-16 -t utf-8 {path} > {utf8_name(path)}`).")
+        not_utf16(path, f.read(2))
     if suffix == ".csv":
         all(utf8_blocks(path))  # decodes every block (each is a truthy tuple)
+        if sep := separator(path):  # read at commas it fails to parse, or is misread into other columns silently
+            raise UserError(f"{path} looks {SEPARATORS[sep]}-separated: its first line holds more {SEPARATORS[sep]}s "
+                            f"than commas. {csv_fix(path)}")
         with path.open(encoding="utf-8-sig", newline="") as f:
             header = next(csv.reader(f), [])
         duplicates(header, path)
@@ -66,14 +77,35 @@ def utf8_blocks(path: Path, size: int = 1 << 22):
             offset, line = offset + len(whole), line + text.count("\n")
 
 
-def bad_bytes(path: Path, offset: int, line: int, data: bytes) -> UserError:
+def read_text(path, what: str = "") -> str:
+    """A whole input file's text: UTF-8, a leading BOM dropped (Windows editors write one). Other encodings are
+    refused as a data file's are: the first bad byte's place and the iconv command. `what` (e.g. "--input_file ")
+    starts the message, naming the option as well as the file."""
+    path = Path(path)
+    raw = path.read_bytes()
+    not_utf16(path, raw[:2], what)
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # utf-8-sig's errors count from after it
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        at = skip + err.start
+        raise bad_bytes(path, at, raw.count(b"\n", 0, at) + 1, raw[at:], what) from None
+
+
+def not_utf16(path: Path, head: bytes, what: str = ""):
+    if head[:2] in UTF16:
+        raise UserError(f"{what}{path} is UTF-16 text; it must be UTF-8. Re-save it as UTF-8 (an editor's 'Save as "
+                        f"UTF-8', or `iconv -f utf-16 -t utf-8 {path} > {utf8_name(path)}`).")
+
+
+def bad_bytes(path: Path, offset: int, line: int, data: bytes, what: str = "") -> UserError:
     """Non-UTF-8 bytes: where, and how to convert (Korean files from Windows are usually cp949)."""
     try:  # a guess at the encoding, for the command: Korean text decodes as cp949 from its first byte on
         guess = data[:64].decode("cp949") and "cp949"
     except UnicodeDecodeError as err:
         guess = "cp949" if err.start > 0 or "incomplete" in err.reason else "cp1252"
-    return UserError(f"{path} is not UTF-8 text: byte {offset} (line {line}) is {data[:4].hex(' ')}. Re-save it as "
-                     f"UTF-8, e.g. `iconv -f {guess} -t utf-8 {path} > {utf8_name(path)}` (cp949 is the usual "
+    return UserError(f"{what}{path} is not UTF-8 text: byte {offset} (line {line}) is {data[:4].hex(' ')}. Re-save "
+                     f"it as UTF-8, e.g. `iconv -f {guess} -t utf-8 {path} > {utf8_name(path)}` (cp949 is the usual "
                      "encoding of Korean Windows files, cp1252 of Western ones).")
 
 
@@ -112,6 +144,47 @@ def duplicates(names, path: Path):
     if twice:
         raise UserError(f"{path}: the columns {twice} appear more than once (datasets would rename the copies "
                         "silently). Give each column its own name, or remove the copy.")
+
+
+def separator(path: Path) -> str | None:
+    """The delimiter (a key of SEPARATORS) a .csv's first line, its header, holds more of than commas, or None: a
+    comma-separated header holds a comma between each two names, and names rarely hold a tab or a semicolon."""
+    with path.open("rb") as f:
+        first = f.readline(1 << 16).decode("utf-8-sig", errors="replace")
+    counts = {sep: first.count(sep) for sep in SEPARATORS if first.count(sep) > first.count(",")}
+    return max(counts, key=counts.get) if counts else None
+
+
+def csv_fix(path: Path) -> str:
+    return (f"A .csv must be comma-separated: save it from your spreadsheet as 'CSV (comma delimited)', or convert "
+            f"it: `python -m sftkit.datafile {path} > {path.with_suffix('.jsonl')}`, then train on that.")
+
+
+def loadable(path: Path) -> Path:
+    """The file for datasets to read: path, or for a .json document starting with a UTF-8 BOM a copy without it.
+    datasets 4.8.5 turns a .json list into rows only when its first byte is "[" (else: "Expected object or value"),
+    and its encoding="utf-8-sig" would send the list through pandas, which turns text such as "007" into numbers.
+    The user's file is left alone. One copy a file, in datasets' cache, made again only when the file changed: an
+    unchanged file reuses it, and datasets' Arrow cache of it."""
+    with path.open("rb") as f:
+        if f.read(3) != codecs.BOM_UTF8 or path.suffix.lower() != ".json" or json_lines(path):
+            return path  # JSON Lines with a BOM (check_file let no other .jsonl through): pyarrow's reader skips it
+    from datasets import config
+
+    key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    copy = Path(config.HF_DATASETS_CACHE) / "sftkit-without-bom" / f"{key}-{path.name}"
+    was = copy.stat() if copy.is_file() else None
+    if not was or was.st_size != path.stat().st_size - 3 or was.st_mtime_ns < path.stat().st_mtime_ns:
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")  # renamed once whole: a kill leaves no half copy
+        with path.open("rb") as src, tmp.open("wb") as dst:
+            src.seek(len(codecs.BOM_UTF8))
+            while chunk := src.read(1 << 24):
+                dst.write(chunk)
+        os.replace(tmp, copy)
+    log.info("%s starts with a UTF-8 BOM, which datasets cannot read in a .json list: reading a copy without it, %s "
+             "(the file itself is unchanged)", path, copy)
+    return copy
 
 
 def parse_json(text: str, where: str):
@@ -155,11 +228,7 @@ def check_json_document(path: Path):
     """A .json document is a list of row objects (or one object: one row). A dict of columns is refused with the
     command that converts it, not converted here: that would be a second reading path beside datasets', holding
     the whole file in memory, and the file the run records (and --resume compares) would not be what it read."""
-    raw = path.read_bytes()
-    try:
-        doc = parse_json(raw.decode("utf-8-sig"), str(path))
-    except UnicodeDecodeError as err:
-        raise bad_bytes(path, err.start, raw.count(b"\n", 0, err.start) + 1, raw[err.start:]) from None
+    doc = parse_json(read_text(path), str(path))
     if isinstance(doc, list):
         bad = next((i for i, row in enumerate(doc) if not isinstance(row, dict)), None)
         if bad is not None:
@@ -200,14 +269,32 @@ def kind(value) -> str:
     return {str: "text", list: "a list", dict: "an object", type(None): "null"}.get(type(value), "a number")
 
 
+def csv_rows(path: Path):
+    """The rows of a .csv split at its own delimiter (commas, or what separator() finds), each cell as text."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=separator(path) or ",")
+        duplicates(header := next(reader, []), path)
+        for row in (r for r in reader if any(cell.strip() for cell in r)):
+            if len(row) > len(header):
+                raise UserError(f"{path} line {reader.line_num} has {len(row)} cells, but its header {header} names "
+                                f"{len(header)}. Put text that holds the delimiter in double quotes, or fix the line.")
+            yield dict(zip(header, row + [""] * (len(header) - len(row))))
+
+
 def convert_main(argv: list[str]) -> int:
     if len(argv) != 1:
-        print("usage: python -m sftkit.datafile FILE.json > FILE.jsonl  (a .json of columns, written as rows)",
+        print("usage: python -m sftkit.datafile FILE.json > FILE.jsonl  (a .json of columns, written as rows)\n"
+              "       python -m sftkit.datafile FILE.csv > FILE.jsonl   (a .csv split by commas, tabs or semicolons)",
               file=sys.stderr)
         return 2
-    doc = json.loads(Path(argv[0]).read_bytes().decode("utf-8-sig"))
-    for row in to_rows(doc):
-        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    path = Path(argv[0])
+    try:
+        rows = csv_rows(path) if path.suffix.lower() == ".csv" else to_rows(json.loads(read_text(path)))
+        for row in rows:
+            sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

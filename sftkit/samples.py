@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import prompts as templates
 from . import stopping
+from .datafile import read_text
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -28,10 +29,11 @@ def read_prompts_file(path) -> list[dict]:
     if not p.is_file():
         raise UserError(f"--sample_prompts {path!r} does not exist: pass a .jsonl file or a text file with one "
                         "prompt per line.")
-    lines = [(n, line) for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    # read_text: a cp949 file is refused as a data file is (place, iconv fix), and a BOM is not part of prompt 1
+    lines = [(n, line) for n, line in enumerate(read_text(p, "--sample_prompts ").splitlines(), 1) if line.strip()]
     if not lines:
         raise UserError(f"--sample_prompts {path!r} is empty: write one prompt per line.")
-    as_json = p.suffix in (".jsonl", ".json") or lines[0][1].lstrip().startswith(("{", '"'))
+    as_json = p.suffix.lower() in (".jsonl", ".json") or lines[0][1].lstrip().startswith(("{", '"'))
     return [parse_line(p, n, line) if as_json else {"instruction": line.strip(), "input": "", "system": ""}
             for n, line in lines]
 

@@ -65,3 +65,18 @@ def test_model_path_errors_say_what_to_do(tmp_path):
         backend.check_model_path(str(tmp_path))
     backend.check_model_path(TINY)  # a real model folder passes
     backend.check_model_path("unsloth/Meta-Llama-3.1-8B")  # a Hub id is left to the Hub
+
+
+def test_a_name_neither_local_nor_loadable_from_the_hub_says_where_it_looked(tmp_path, monkeypatch):
+    """From another folder, a relative path such as examples/tiny-llama reads as a Hub id: when the Hub cannot give
+    it either, the error says the folder is not under the current one (the usual cause), not only the Hub's error."""
+    from sftkit.backend import choose, models
+    from sftkit.errors import UserError
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models, "_from_pretrained", offline)
+    with pytest.raises(UserError, match=f"There is no folder 'examples/tiny-llama' in {tmp_path}.*relative to"):
+        models.load_model("examples/tiny-llama", 64, choose("hf", "auto"))

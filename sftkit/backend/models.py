@@ -55,9 +55,10 @@ def load_model(model_name: str, max_seq_length: int, choice, load_in_4bit: bool 
     try:
         model, tokenizer = _from_pretrained(model_name, max_seq_length, choice, load_in_4bit, token, notes)
     except OSError as err:  # not on the Hub, gated, offline, or a folder without weights
-        raise UserError(f"could not load model {model_name!r}: {err}. Check the Hub id (or the local folder), log in "
-                        "with HF_TOKEN for a gated model such as meta-llama/*, or use an ungated copy such as "
-                        "unsloth/Meta-Llama-3.1-8B.") from err
+        local = "" if Path(model_name).expanduser().exists() else f" There is no folder {model_name!r} in {Path.cwd()}."
+        raise UserError(f"could not load model {model_name!r}: {err}.{local} Check the Hub id (or the local folder: "
+                        "a relative path is relative to the current folder), log in with HF_TOKEN for a gated model "
+                        "such as meta-llama/*, or use an ungated copy such as unsloth/Meta-Llama-3.1-8B.") from err
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # A pad token equal to EOS would teach nothing about stopping once padding is masked; Llama 3.1 reserves
         # a token for padding, so use it where the vocabulary has it.
