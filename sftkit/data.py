@@ -8,9 +8,11 @@ prompt), messages, or text.
 
 import logging
 import os
+import re
 from pathlib import Path
 
 from . import datafile, rowcheck
+from .own_template import check_conversations
 from .errors import UserError
 from .prompts import Template, render
 
@@ -46,6 +48,8 @@ def load_dataset_any(dataset: str, split: str = "train"):
             return datasets.load_from_disk(str(path))
         # Extensions in any case: Windows tools write DATA.JSONL, and the loader is named here, not by the extension.
         files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in LOCAL_FORMATS)
+        if path.is_dir():
+            files = training_files(path, files)
         kinds = {LOCAL_FORMATS.get(p.suffix.lower()) for p in files}
         if not files or None in kinds or len(kinds) > 1:
             raise UserError(f"--dataset {dataset!r}: expected a .jsonl, .json, .csv or .parquet file, or a folder "
@@ -74,6 +78,20 @@ def load_dataset_any(dataset: str, split: str = "train"):
         raise UserError(f"could not load data set {dataset!r} (split {split!r}) from the Hugging Face Hub: "
                         f"{type(err).__name__}: {err}. Check the id and --dataset_split, log in with HF_TOKEN for "
                         "a gated set, or pass a local .jsonl/.json/.csv/.parquet file.") from err
+
+
+HELD_OUT = re.compile(r"(^|[-_.])(test|valid|validation|val|eval|dev)([-_.]|$)", re.IGNORECASE)
+
+
+def training_files(folder: Path, files: list) -> list:
+    """A folder's files to train on, said in one line. Files named as a held-out split (test.jsonl, valid.jsonl,
+    data-eval.csv ...) are left out: training on a test split silently would make every later score meaningless."""
+    held = [p for p in files if HELD_OUT.search(p.stem)]
+    keep = [p for p in files if p not in held] or files  # only held-out names: the user means them all
+    log.info("data: --dataset %s: training on %s%s", folder, ", ".join(p.name for p in keep),
+             f"; left out {', '.join(p.name for p in held)} (named as a held-out split: pass such a file itself to "
+             "train on it)" if keep is not files else "")
+    return keep
 
 
 def unreadable(dataset: str, err: Exception) -> str:
@@ -206,6 +224,7 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
                     remove_columns=ds.column_names)
     elif fmt == "chat":
         ds = ds.map(lambda r, i: {"messages": to_messages(r, i)}, with_indices=True, remove_columns=ds.column_names)
+        check_conversations(template, ds["messages"])  # a turn the template refuses, named before the model loads
         ds = ds.filter(lambda r: any(m["role"] == "assistant" and str(m["content"]).strip() for m in r["messages"]))
     else:
         column = parse_columns(columns).get("text", "text")  # name the user's own column in the error

@@ -1,13 +1,16 @@
-"""The model's own chat template as a Template: a date it reads from the clock pinned, {% generation %} tags added
-where it has none (Meta's Llama 3.x layout by sftkit, other known layouts by TRL) and kept only where the tagged text
-renders as the original does, and the token that ends an assistant turn.
+"""Chat templates checked by rendering probe conversations. The model's own chat template as a Template: a date it
+reads from the clock pinned, {% generation %} tags added where it has none (Meta's Llama 3.x layout by sftkit, other
+known layouts by TRL) and kept only where the tagged text renders as the original does, and the token that ends an
+assistant turn. A template file's turns, and the data's, checked against what the template renders or refuses.
 """
 
 import datetime
 import re
 
+from jinja2 import TemplateError
+
 from .errors import UserError
-from .prompts import OWN, TAGS, Template, own_text
+from .prompts import OWN, TAGS, Template, own_text, refusal, render_chat
 
 # Meta's Llama 3.1 / 3.2 / 3.3 templates write every plain turn with this one expression; the tagged version writes
 # the header the same way and wraps an assistant's content and <|eot_id|> in generation tags.
@@ -21,6 +24,9 @@ PROBES = ([{"role": "user", "content": "안녕하세요?"}, {"role": "assistant"
           [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is 2+2?"},
            {"role": "assistant", "content": "4."}, {"role": "user", "content": "고마워"},
            {"role": "assistant", "content": " 천만에요! "}])
+# Contents no template writes by itself, in lower case without spaces so that | trim, | lower and | tojson keep them.
+PROBE = [{"role": "system", "content": "probe-system-7341"}, {"role": "user", "content": "probe-user-7341"},
+         {"role": "assistant", "content": "probe-assistant-7341"}]
 
 
 def from_tokenizer(tokenizer, name: str = OWN) -> Template:
@@ -62,11 +68,21 @@ def tag_candidates(tokenizer, text: str):
         yield found
 
 
+def probes(tokenizer, text: str) -> tuple:
+    """PROBES as this template takes them: where it refuses the system turn (raise_exception, as Gemma's and
+    Mistral's templates do), the second without it, since data trained with such a template have none either."""
+    try:
+        tokenizer.apply_chat_template(PROBES[1], chat_template=text, tokenize=False)
+    except TemplateError:
+        return PROBES[0], [m for m in PROBES[1] if m["role"] != "system"]
+    return PROBES
+
+
 def same_rendering(tokenizer, original: str, tagged: str) -> bool:
     """The tagged template renders each probe as the original does, and its tags mark the assistant spans that
     rendering prefixes finds (content and end-of-turn token)."""
     try:
-        for msgs in PROBES:
+        for msgs in probes(tokenizer, original):
             for m, gen in ((msgs, False), (msgs[:-1], True)):
                 a, b = (tokenizer.apply_chat_template(m, chat_template=t, tokenize=False, add_generation_prompt=gen)
                         for t in (original, tagged))
@@ -118,3 +134,44 @@ def end_of_turn(tokenizer, text: str) -> str:
     last = full[len(mask) - 1 - mask[::-1].index(1)] if 1 in mask else None
     return tokenizer.convert_ids_to_tokens(last) if last in set(tokenizer.get_added_vocab().values()) \
         else tokenizer.eos_token
+
+
+def check_turns_kept(t: Template, where: str):
+    """A chat template file must write each turn's content: one that reads another key (message['text']) renders
+    empty turns, and training on them fails silently. The system turn is probed only where the template takes one
+    (Gemma's and Mistral's templates refuse it with raise_exception; rows with one are refused then)."""
+    probe = PROBE if not refusal(t.text, PROBE) else PROBE[1:]
+    why = refusal(t.text, probe)
+    if why:
+        raise UserError(f"{where} cannot render a plain user/assistant conversation: {why}. Fix the template so that "
+                        "it renders role/content turns; prompts/chatml.jinja is a working example.")
+    out = render_chat(t.text, probe)
+    lost = [m["role"] for m in probe if m["content"] not in out]
+    if lost:
+        which = " and ".join(filter(None, [", ".join(lost[:-1]), lost[-1]]))
+        many = len(lost) > 1
+        raise UserError(f"{where} drops the content of the {which} turn{'s' * many}: a probe conversation renders "
+                        f"without {'them' if many else 'it'}, so training would see empty turns. The usual cause is "
+                        "reading a key other than 'content' (message['text'], message['value']) or content as a list "
+                        "of parts (vision models' templates): sftkit passes role/content turns with text content, so "
+                        "write message['content']"
+                        + (". A template without a system turn should refuse one with raise_exception('System role "
+                           "not supported') rather than drop it." if lost == ["system"] else "."))
+
+
+def check_conversations(t: Template, conversations):
+    """Each row's turns as the chat template takes them, before the model loads: a template that refuses turns
+    (raise_exception: a system turn, or turns that do not alternate, in Gemma's and Mistral's templates) is named
+    with the row here, not as a Jinja traceback once training starts. Such refusals depend on the roles, so one row
+    per distinct sequence of roles is rendered."""
+    seen = set()
+    for index, turns in enumerate(conversations):
+        roles = tuple(m["role"] for m in turns)
+        why = "" if roles in seen else refusal(t.text, turns)
+        seen.add(roles)
+        if why:
+            fix = ("drop the system turns from the data, or pick a template that has one (--prompt llama-3.1-chat "
+                   "or chatml)" if "system" in roles else "make its turns alternate user/assistant, starting with "
+                   "the user, or pick another --prompt")
+            raise UserError(f"row {index}: chat template {t.name!r} refuses its turns ({', '.join(roles)}): {why}. "
+                            f"Fix: {fix}.")

@@ -7,11 +7,17 @@ chat template whose first line is `{#- stop: TOKEN -#}`, the text that ends an a
 text, trained as written: no template).
 """
 
+import datetime
+import functools
 import json
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 
 from .errors import UserError
 
@@ -20,6 +26,7 @@ AUTO, OWN, NONE = "auto", "own", "none"  # --prompt values that name no file
 BUILTIN_CHAT = ("llama-3.1-chat", "chatml")  # for a model without a chat template: the first whose stop is one token
 STOP_LINE = re.compile(r"\{#-?\s*stop:\s*(\S+)\s*-?#\}\n?")
 TAGS = re.compile(r"\{%-?\s*generation\s*-?%\}")
+ANSWER = "output"  # the field an instruction row's answer comes from (data.read_rows; --columns maps onto it)
 
 
 @dataclass
@@ -73,7 +80,17 @@ def load(name: str) -> Template:
             raise UserError(f"prompt template {name!r} not found. Available in {PROMPTS_DIR}: "
                             f"{', '.join(available())}, or auto, own, none; or pass a path to a .json or .jinja file.")
         path = matches[0]
-    return from_text(path.stem, path.read_text(encoding="utf-8"), chat=path.suffix == ".jinja", source=str(path))
+    t = from_text(path.stem, path.read_text(encoding="utf-8"), chat=path.suffix == ".jinja", source=str(path))
+    # Here, where a template is picked for training, not in from_text: a finished run's recorded template is used
+    # as it was trained, and a model's own template (a run's "own") is its format, not something to correct.
+    where = f"{'chat' if t.kind == 'chat' else 'prompt'} template {t.name!r} ({path})"
+    if t.kind == "chat":
+        from .own_template import check_turns_kept  # there: it builds on this module's rendering
+
+        check_turns_kept(t, where)
+    else:
+        check_slots(t, where)
+    return t
 
 
 def from_text(name: str, text: str, chat, source: str = "") -> Template:
@@ -88,6 +105,13 @@ def from_text(name: str, text: str, chat, source: str = "") -> Template:
         if not m:
             raise UserError(f"{where} must start with a line like '{{#- stop: <|eot_id|> -#}}' "
                             "naming the text that ends an assistant turn.")
+        try:  # now, not when the first row is rendered after the model has loaded
+            compiled(text)
+        except jinja2.TemplateSyntaxError as err:
+            raise UserError(f"{where} has a Jinja syntax error at line {err.lineno}: {err.message}. Fix that line: "
+                            "each {{ closes with }}, each {% with %}, and each {% for %} / {% if %} / "
+                            "{% generation %} needs its {% endfor %} / {% endif %} / {% endgeneration %} "
+                            "(prompts/chatml.jinja is a working example).") from err
         return Template(name, "chat", text, stop=m.group(1))
     try:
         data = json.loads(text)
@@ -108,6 +132,68 @@ def from_text(name: str, text: str, chat, source: str = "") -> Template:
             raise UserError(f"{where} has a positional slot {{{bad[0]}}} in {key}; slots must name a data-set "
                             "column, e.g. {instruction} or {input}. Write a literal brace as {{ or }}.")
     return Template(name, "instruction", text, data=data)
+
+
+def check_slots(t: Template, where: str):
+    """An instruction template file's slots as training reads them: the answer is appended after the prompt, so a
+    prompt that holds it teaches the model to copy; prompt_input is the prompt of every row with an input."""
+    for key in ("prompt_input", "prompt_no_input"):
+        if ANSWER in {re.split(r"[.\[]", f)[0] for f in slots(t.data[key])}:
+            raise UserError(f"{where}: {key} has the answer's slot {{{ANSWER}}}, so every prompt would contain its "
+                            f"answer and the model would learn to copy it. Remove {{{ANSWER}}} from {key}: the "
+                            "answer is appended after the prompt at training time (prompts/README.md).")
+    if "input" not in slots(t.data["prompt_input"]):
+        raise UserError(f"{where}: prompt_input has no {{input}} slot, so the input of every row that has one would "
+                        "be dropped (prompt_input is the prompt for those rows). Add {input} to prompt_input, e.g. "
+                        "'...### Input:\\n{input}\\n\\n### Response:\\n'.")
+
+
+# --- chat templates, rendered as transformers renders them -----------------------------------------------------
+
+class Generation(jinja2.ext.Extension):
+    """The {% generation %} tag as transformers parses it (it marks assistant tokens there; here it only renders)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def raise_exception(message):
+    raise jinja2.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(text: str):
+    """The template compiled in an environment like transformers' (chat_template_utils: sandboxed, trim_blocks,
+    lstrip_blocks, loop controls, the generation tag, raise_exception, strftime_now, tojson), so what renders here
+    renders there, without importing transformers (seconds) to load a template."""
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.datetime.now().strftime(f))
+    return env.from_string(text)
+
+
+def render_chat(text: str, conversation: list, gen: bool = False) -> str:
+    """The conversation rendered without a tokenizer: its special tokens are empty strings."""
+    return compiled(text).render(messages=conversation, add_generation_prompt=gen, tools=None, documents=None,
+                                 **dict.fromkeys(("bos_token", "eos_token", "unk_token", "pad_token"), ""))
+
+
+def refusal(text: str, conversation: list, gen: bool = False) -> str:
+    """Why the template will not render this conversation (its raise_exception message, or the error); "" if it
+    does."""
+    try:
+        render_chat(text, conversation, gen)
+    except Exception as err:  # noqa: BLE001 - any failure here would fail training the same way
+        return str(err) if isinstance(err, jinja2.TemplateError) else f"{type(err).__name__}: {err}"
+    return ""
 
 
 def render(t: Template, row: dict) -> str:
@@ -204,8 +290,13 @@ def prompt_ids(tokenizer, template: Template, instruction: str, input: str = "",
 
 
 def check_system(template: Template, system: str):
-    """--system needs a chat template: checked before the model loads."""
+    """--system needs a chat template that takes a system turn: checked before the model loads."""
     if system and template.kind != "chat":
         raise UserError(f"--system needs a chat template; this run's template {template.name!r} is "
                         f"{'raw text' if template.kind == 'text' else 'an instruction template'}: put the "
                         "instruction in --instruction (and --input) instead.")
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]
+    why = system and refusal(template.text, turns, gen=True)  # Gemma's and Mistral's templates raise on a system turn
+    if why:
+        raise UserError(f"--system: this run's chat template {template.name!r} refuses a system turn ({why}). Drop "
+                        "--system (and system turns) and put the instructions in the prompt itself.")

@@ -11,7 +11,7 @@ trainable_token_indices: kilobytes, and the adapter carries them to inference), 
 
 import logging
 
-from .own_template import PROBES
+from .own_template import probes
 from .prompts import Template
 
 log = logging.getLogger("sftkit")
@@ -22,12 +22,12 @@ SCAN = 500  # rows tokenized for Unsloth's fix, which looks for the tokens in th
 
 def template_token_ids(tokenizer, template: Template) -> list[int]:
     """The added (special) tokens this template makes the model read or write: for a chat template, those of a
-    rendered conversation (system turn, two exchanges, generation prompt) and its stop token; for an instruction or
-    text template, BOS and the EOS that ends every answer."""
+    rendered conversation (system turn where the template takes one, two exchanges, generation prompt) and its stop
+    token; for an instruction or text template, BOS and the EOS that ends every answer."""
     added = set(tokenizer.get_added_vocab().values()) | set(tokenizer.all_special_ids)
     if template.kind == "chat":
-        ids = []
-        for msgs, gen in ((PROBES[1], False), (PROBES[1][:-1], True)):
+        ids, probe = [], probes(tokenizer, template.text)[1]
+        for msgs, gen in ((probe, False), (probe[:-1], True)):
             ids += tokenizer.apply_chat_template(msgs, chat_template=template.text, tokenize=True, return_dict=True,
                                                  add_generation_prompt=gen)["input_ids"]
         ids.append(tokenizer.convert_tokens_to_ids(template.stop) if template.stop in tokenizer.get_vocab() else None)

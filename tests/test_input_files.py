@@ -5,6 +5,7 @@ file, the place and the fix; the same problem gets the same message whichever op
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import pytest
@@ -153,3 +154,26 @@ def prompts_only_generator():
     from sftkit.generate import open_generator
 
     return open_generator(model_name=TINY, prompt="alpaca_ko", max_new_tokens=2)
+
+
+def test_a_dataset_folder_trains_on_its_training_files_not_a_test_split(tmp_path, caplog):
+    """A folder holding train.jsonl and test.jsonl (as split data sets ship) trains on train.jsonl only, and says
+    which files it used and left out; a folder of held-out names only is taken whole."""
+    import logging
+
+
+    rows = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:16]]
+    folder = tmp_path / "split"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", rows[:10])
+    write_jsonl(folder / "test.jsonl", rows[10:14])
+    write_jsonl(folder / "data-valid.jsonl", rows[14:])
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        ds = data.load_dataset_any(str(folder))
+    assert len(ds) == 10 and [r["instruction"] for r in ds] == [r["instruction"] for r in rows[:10]]
+    assert "training on train.jsonl; left out data-valid.jsonl, test.jsonl" in caplog.text
+    only = tmp_path / "only"
+    only.mkdir()
+    write_jsonl(only / "dev.jsonl", rows[:3])
+    assert len(data.load_dataset_any(str(only))) == 3
+

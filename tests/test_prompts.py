@@ -29,7 +29,7 @@ def test_render_picks_the_input_variant_and_keeps_braces_literal():
 
 def test_unknown_field_and_missing_template_are_clear_errors(tmp_path):
     bad = tmp_path / "ctx.json"
-    bad.write_text('{"prompt_input": "{instruction} {context}", "prompt_no_input": "{instruction}"}')
+    bad.write_text('{"prompt_input": "{instruction} {input} {context}", "prompt_no_input": "{instruction}"}')
     t = prompts.load(str(bad))
     with pytest.raises(UserError, match=r"context.*--columns"):
         prompts.render(t, {"instruction": "q", "input": "i"})
