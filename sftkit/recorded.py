@@ -4,6 +4,7 @@ run.json; what it gave must match the record unless that setting may change. --r
 
 import functools
 import inspect
+from pathlib import Path
 
 from .cli import names
 from .errors import UserError
@@ -20,6 +21,21 @@ SPLIT = ("per_device_train_batch_size", "gradient_accumulation_steps")
 PER_INVOCATION = {"resume", "overwrite", "output_dir"}
 # infer.py may load the run's adapter on another copy of the base or with another context length.
 INFER_CHANGES = {"model_name", "max_seq_length"}
+
+
+PATH_ARGS = {"dataset", "model_name", "sample_prompts"}  # may name local files, typed relative to a folder
+
+
+def located(value, workdir: str):
+    """An existing local path as an absolute one (relative to `workdir`, else the current folder); other values
+    (a Hub id, a list, '') as they are."""
+    if not isinstance(value, str) or not value:
+        return value
+    for base in filter(None, (workdir, ".")):
+        path = Path(base, value).expanduser()
+        if path.exists():
+            return str(path.resolve())
+    return value
 
 
 def same(given, recorded) -> bool:
@@ -64,6 +80,11 @@ def resume_args(output_dir: str, given: dict, known: set) -> dict:
         return given  # nothing recorded: claim() says what is missing
     rec = folder.read()  # a damaged record is an error here, never a silent fall back to the defaults
     recorded = {k: v for k, v in rec.args.items() if k in known and k not in PER_INVOCATION}
+    # Paths typed relative to another folder: resumed from here, both sides name files by where they are.
+    for key in PATH_ARGS & set(recorded):
+        recorded[key] = located(recorded[key], rec.workdir)
+        if key in given:
+            given = {**given, key: located(given[key], "")}
     merged = merge(recorded, given, RESUMABLE_CHANGES | PER_INVOCATION | set(SPLIT), "--resume")
     if all(k in recorded for k in SPLIT):  # the rows of each step stay the same: only how they are split changes
         was, now = tuple(int(recorded[k]) for k in SPLIT), tuple(int(merged[k]) for k in SPLIT)
@@ -95,7 +116,12 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
                             f"train_unsloth.py --overwrite --output_dir {adapter}")
         raise UserError(f"{lost}: its run ended ({rec.status}) before saving the adapter. Continue it with "
                         f"train_unsloth.py --resume --output_dir {adapter}")
-    recorded = {"model_name": rec.model_path or rec.args.get("model_name"), "prompt": rec.template,
+    base = rec.model_path or rec.args.get("model_name")
+    if not given.get("model_name") and base and Path(base).is_absolute() and not Path(base).exists():
+        raise UserError(f"the base model this run trained on, {base} (run.json's model_path), is not there any more: "
+                        f"pass --model_name with its folder now (or its Hub id), e.g. infer.py --adapter {adapter} "
+                        "--model_name PATH.")
+    recorded = {"model_name": base, "prompt": rec.template,
                 "max_seq_length": rec.args.get("max_seq_length", 2048),
                 "load_in_4bit": rec.args.get("load_in_4bit", True)}
     return merge(recorded, {k: v for k, v in given.items() if v not in ("", 0, None)}, INFER_CHANGES,

@@ -2,6 +2,7 @@
 its one writer; --resume, infer.py and memory_report.py read it through RunFolder.read()."""
 
 import re
+import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,6 +39,7 @@ class RunRecord:
     exports: dict = field(default_factory=dict)
     error: str | None = None
     replaced: str | None = None  # the previous run --overwrite moved aside, deleted when this one finishes
+    workdir: str = ""  # the folder relative paths in args (--dataset, --model_name ...) were typed in
     schema: int = SCHEMA
     extra: dict = field(default_factory=dict)
 
@@ -104,5 +106,5 @@ def starting_record(a: dict, choice, template, info: dict, notes: list, fast: di
         model_path=str(Path(name).resolve()) if Path(name).is_dir() else name,
         template=template.name, template_kind=template.kind, template_text=template.text,
         tokens=token_record(tokenizer), data=info, notes=notes, fast=fast, versions=library_versions(),
-        world_size=world_size, started=time.strftime("%Y-%m-%d %H:%M:%S"),
+        world_size=world_size, started=time.strftime("%Y-%m-%d %H:%M:%S"), workdir=os.getcwd(),
         resumed_from=str(ckpt) if ckpt else None)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import metrics, quick_args, write_jsonl
+from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
 from sftkit.runfolder import RECORD, RunFolder, RunRecord
 from sftkit.errors import UserError
 from train_unsloth import train
@@ -243,3 +243,27 @@ def test_resume_refuses_data_that_changed_since_the_run_started(tmp_path):
     write_jsonl(tmp_path / "d.jsonl", rows)
     with pytest.raises(UserError, match="--resume: the data differ from those the run .* started with"):
         train(output_dir=out, resume=True, max_steps=4)
+
+
+def test_resume_and_infer_from_another_folder_find_paths_typed_relative(tmp_path, monkeypatch):
+    """A run trained with relative --model_name / --dataset is resumed from another folder: the recorded paths are
+    found where they were typed (run.json's workdir), and the same file typed by its absolute path is not called
+    different. infer.py on a run whose base folder moved says so and names --model_name."""
+    import os
+
+    from infer import infer
+
+    here = tmp_path / "project"
+    here.mkdir()
+    shutil.copy(SAMPLE, here / "data.jsonl")
+    shutil.copytree(TINY, here / "base")
+    monkeypatch.chdir(here)
+    run = train(model_name="base", dataset="data.jsonl", max_samples=16, max_steps=2, save_steps=2,
+                output_dir=str(tmp_path / "run"))
+    assert json.loads((Path(run) / "run.json").read_text())["workdir"] == os.getcwd()
+    monkeypatch.chdir(tmp_path)
+    out = train(resume=True, output_dir=str(tmp_path / "run"), max_steps=3, dataset=str(here / "data.jsonl"))
+    assert json.loads((Path(out) / "run.json").read_text())["metrics"]["global_step"] == 3
+    (here / "base").rename(here / "moved")
+    with pytest.raises(UserError, match="is not there any more: pass --model_name"):
+        infer(adapter=out, instruction="안녕")

@@ -113,11 +113,12 @@ def test_the_record_is_typed_versioned_and_keeps_unknown_keys(tmp_path):
 
 
 def test_one_merge_rule_for_resume_and_infer(tmp_path):
-    path = finished_run(tmp_path / "run", model_path="/models/base", template="alpaca_ko",
+    (tmp_path / "base").mkdir()
+    path = finished_run(tmp_path / "run", model_path=str(tmp_path / "base"), template="alpaca_ko",
                         args={"max_seq_length": 1024, "load_in_4bit": True, "learning_rate": 2e-4})
     (path / "adapter_config.json").write_text("{}")
     settings, rec = recorded.inference_settings(str(path), {"model_name": "", "prompt": "", "max_seq_length": 0})
-    assert settings == {"model_name": "/models/base", "prompt": "alpaca_ko", "max_seq_length": 1024,
+    assert settings == {"model_name": str(tmp_path / "base"), "prompt": "alpaca_ko", "max_seq_length": 1024,
                         "load_in_4bit": True}
     assert recorded.inference_settings(str(path), {"model_name": "/copy/of/base"})[0]["model_name"] == "/copy/of/base"
     with pytest.raises(UserError, match="--prompt 'chatml' differs from the run's \\('alpaca_ko'\\)"):
