@@ -2,6 +2,7 @@
 load, and never after --overwrite has moved a finished run aside. Each error names the argument and the fix."""
 
 import difflib
+import importlib.util
 
 from .errors import UserError
 
@@ -44,6 +45,13 @@ def report_to(value) -> list:
     return names(value) or ["none"]
 
 
+# Optimizers transformers knows whose package is optional: (name prefix, module, pip name). Checked by import spec,
+# not by building TrainingArguments, which would set up a gloo process group under torchrun.
+OPTIM_PACKAGES = (("schedule_free", "schedulefree", "schedulefree"), ("grokadamw", "grokadamw", "grokadamw"),
+                  ("stable_adamw", "optimi", "torch-optimi"), ("adamw_torch_4bit", "torchao", "torchao"),
+                  ("adamw_torch_8bit", "torchao", "torchao"), ("adamw_anyprecision", "torchdistx", "torchdistx"))
+
+
 def known_names(optim: str, lr_scheduler_type: str, reporters=("none",)):
     """Names transformers must know. Imports transformers, so call it after the backend is chosen (Unsloth
     has to be imported first)."""
@@ -71,11 +79,10 @@ def known_names(optim: str, lr_scheduler_type: str, reporters=("none",)):
             close = difflib.get_close_matches(value, known, n=4)
             raise UserError(f"--{flag} {value!r} is not known to transformers; e.g. {example}"
                             + (f" (close: {', '.join(close)})." if close else "."))
-    from transformers import Trainer, TrainingArguments
-
-    try:  # a known optimizer may need a package (galore, lomo, schedulefree ...): found now, not after the model loads
-        Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir="unused", optim=optim, use_cpu=True,
-                                                               report_to="none"))
-    except (ImportError, ValueError) as err:
-        raise UserError(f"--optim {optim} cannot be set up here: {str(err).strip()} Or use --optim adamw_8bit (the "
-                        "notebook's).") from err
+    need = next(((mod, pip) for prefix, mod, pip in OPTIM_PACKAGES if optim.startswith(prefix)), None)
+    if optim.startswith(("galore", "apollo", "lomo", "adalomo")):  # they need settings train() does not take
+        raise UserError(f"--optim {optim} needs settings train_unsloth.py does not pass (target modules, or the model "
+                        "to the optimizer): use --optim adamw_8bit (the notebook's) or another AdamW variant.")
+    if need and importlib.util.find_spec(need[0]) is None:  # found now, not after the model loads
+        raise UserError(f"--optim {optim} needs a package that is not installed: pip install {need[1]}, or use "
+                        "--optim adamw_8bit (the notebook's).")

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import datafile, rowcheck
 from .own_template import check_conversations
 from .errors import UserError
-from .prompts import Template, render
+from .prompts import Template, check_inputs_kept, render
 
 log = logging.getLogger("sftkit")
 
@@ -80,7 +80,7 @@ def load_dataset_any(dataset: str, split: str = "train"):
                         "a gated set, or pass a local .jsonl/.json/.csv/.parquet file.") from err
 
 
-HELD_OUT = re.compile(r"(^|[-_.])(test|valid|validation|val|eval|dev)([-_.]|$)", re.IGNORECASE)
+HELD_OUT = re.compile(r"(^|[-_.])(test|testset|valid|validation|val|eval|dev|devset)([-_.]|$)", re.IGNORECASE)
 
 
 def training_files(folder: Path, files: list) -> list:
@@ -88,9 +88,10 @@ def training_files(folder: Path, files: list) -> list:
     data-eval.csv ...) are left out: training on a test split silently would make every later score meaningless."""
     held = [p for p in files if HELD_OUT.search(p.stem)]
     keep = [p for p in files if p not in held] or files  # only held-out names: the user means them all
+    left = [p for p in files if p not in keep]
     log.info("data: --dataset %s: training on %s%s", folder, ", ".join(p.name for p in keep),
-             f"; left out {', '.join(p.name for p in held)} (named as a held-out split: pass such a file itself to "
-             "train on it)" if keep is not files else "")
+             f"; left out {', '.join(p.name for p in left)} (named as a held-out split: pass such a file itself to "
+             "train on it)" if left else "")
     return keep
 
 
@@ -218,6 +219,8 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
 
     if fmt == "alpaca":
         ds = ds.filter(lambda r: bool(str(r["output"] or "").strip()) and bool(str(r["instruction"] or "").strip()))
+        if "input" in ds.column_names:  # a template without {input} may serve data without inputs, not with them
+            check_inputs_kept(template, sum(bool(str(x or "").strip()) for x in ds["input"]))
         # --train_on_inputs keeps this layout too: TRL with completion_only_loss=False trains on every token of it
         # (the same ids and labels as prompt + completion as one text), and the length policy can see the prompt.
         ds = ds.map(lambda r: {"prompt": render(template, r), "completion": str(r["output"])},

@@ -173,14 +173,16 @@ def loadable(path: Path) -> Path:
 
     key = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
     copy = Path(config.HF_DATASETS_CACHE) / "sftkit-without-bom" / f"{key}-{path.name}"
-    was = copy.stat() if copy.is_file() else None
-    if not was or was.st_size != path.stat().st_size - 3 or was.st_mtime_ns < path.stat().st_mtime_ns:
+    was, now = (copy.stat() if copy.is_file() else None), path.stat()
+    # The copy carries its source's mtime: any other (cp -p or unzip of an older, corrected file too) copies again.
+    if not was or was.st_size != now.st_size - 3 or was.st_mtime_ns != now.st_mtime_ns:
         copy.parent.mkdir(parents=True, exist_ok=True)
         tmp = copy.with_name(f"{copy.name}.{os.getpid()}.tmp")  # renamed once whole: a kill leaves no half copy
         with path.open("rb") as src, tmp.open("wb") as dst:
             src.seek(len(codecs.BOM_UTF8))
             while chunk := src.read(1 << 24):
                 dst.write(chunk)
+        os.utime(tmp, ns=(now.st_atime_ns, now.st_mtime_ns))
         os.replace(tmp, copy)
     log.info("%s starts with a UTF-8 BOM, which datasets cannot read in a .json list: reading a copy without it, %s "
              "(the file itself is unchanged)", path, copy)

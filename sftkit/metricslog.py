@@ -57,9 +57,10 @@ def keep_through(path: Path, step: int):
 
 
 def run_mean_loss(log_history) -> float | None:
-    """The mean training loss over every step of the run, from the logged intervals, each weighted by its steps.
-    transformers' own train_loss divides one session's loss sum by all the run's steps, so after --resume it read
-    far too low (2.18 against logged losses of 7.65)."""
+    """The mean training loss over the run's logged steps, each interval weighted by its steps (exact at
+    --logging_steps 1; a last interval never logged is left out). For a resumed run: transformers' own train_loss
+    divides one session's loss sum by all the run's steps, so after --resume it read far too low (2.18 against
+    logged losses of 7.65)."""
     prev = total = steps = 0
     for h in log_history:
         if "loss" in h and h.get("step", 0) > prev:

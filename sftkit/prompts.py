@@ -142,10 +142,15 @@ def check_slots(t: Template, where: str):
             raise UserError(f"{where}: {key} has the answer's slot {{{ANSWER}}}, so every prompt would contain its "
                             f"answer and the model would learn to copy it. Remove {{{ANSWER}}} from {key}: the "
                             "answer is appended after the prompt at training time (prompts/README.md).")
-    if "input" not in slots(t.data["prompt_input"]):
-        raise UserError(f"{where}: prompt_input has no {{input}} slot, so the input of every row that has one would "
-                        "be dropped (prompt_input is the prompt for those rows). Add {input} to prompt_input, e.g. "
-                        "'...### Input:\\n{input}\\n\\n### Response:\\n'.")
+
+
+def check_inputs_kept(t: Template, rows_with_input: int):
+    """prompt_input is the prompt of every row with an input: without an {input} slot those inputs would be dropped.
+    Checked against the data (a Q/A set without inputs never uses prompt_input)."""
+    if rows_with_input and t.kind == "instruction" and "input" not in slots(t.data["prompt_input"]):
+        raise UserError(f"template {t.name!r}: prompt_input has no {{input}} slot, so the input of the "
+                        f"{rows_with_input} row(s) that have one would be dropped. Add {{input}} to prompt_input, "
+                        "e.g. '...### Input:\\n{input}\\n\\n### Response:\\n'.")
 
 
 # --- chat templates, rendered as transformers renders them -----------------------------------------------------

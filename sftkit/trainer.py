@@ -246,8 +246,9 @@ def finish(trainer, folder, record: RunRecord, result, meter) -> bool:
     evals = [h["eval_loss"] for h in state.log_history if "eval_loss" in h]
     record.status = "interrupted" if stopped else "finished"
     record.finished = time.strftime("%Y-%m-%d %H:%M:%S")
-    record.metrics = {**result.metrics, "train_loss": run_mean_loss(state.log_history),
-                      "global_step": state.global_step,
+    # transformers' train_loss divides this session's loss sum by all the run's steps: after --resume it reads low
+    resumed = {"train_loss": run_mean_loss(state.log_history)} if record.resumed_from else {}
+    record.metrics = {**result.metrics, **resumed, "global_step": state.global_step,
                       "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
                       "eval_loss": evals[-1] if evals else None}
     record.memory = figures

@@ -81,7 +81,7 @@ def test_infer_paths_that_cannot_work_are_refused_before_loading(tmp_path, tiny_
     # What to do depends on how the run ended: never advise a --resume that train_unsloth.py would refuse.
     record = json.loads((bare / "run.json").read_text())
     for status, ckpt, fix in (("finished", False, "moved or deleted.*--overwrite"), ("running", False,
-                              "still training, or was killed.*--resume"), ("failed", False,
+                              "still training, or was killed.*--overwrite"), ("failed", False,
                               "before saving a checkpoint.*--overwrite"), ("interrupted", True, "--resume")):
         (bare / "run.json").write_text(json.dumps({**record, "status": status}))
         if ckpt:

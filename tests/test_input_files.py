@@ -175,5 +175,8 @@ def test_a_dataset_folder_trains_on_its_training_files_not_a_test_split(tmp_path
     only = tmp_path / "only"
     only.mkdir()
     write_jsonl(only / "dev.jsonl", rows[:3])
-    assert len(data.load_dataset_any(str(only))) == 3
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sftkit"):
+        assert len(data.load_dataset_any(str(only))) == 3
+    assert "training on dev.jsonl" in caplog.text and "left out" not in caplog.text  # nothing left out: not said
 

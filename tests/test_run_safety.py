@@ -149,7 +149,9 @@ def test_resume_refuses_a_target_it_has_passed_and_says_overwrite_when_nothing_w
                                   "'tensorboard'"),
     ({"report_to": "none,comet_ml"}, "--report_to comet_ml needs its package: pip install comet-ml"),
     ({"optim": "adamw_8bti"}, "--optim 'adamw_8bti' is not known to transformers.*adamw_8bit"),
-    ({"optim": "lomo"}, "--optim lomo cannot be set up here: .*pip install lomo-optim.*adamw_8bit"),  # not installed
+    ({"optim": "lomo"}, "--optim lomo needs settings train_unsloth.py does not pass.*adamw_8bit"),
+    ({"optim": "schedule_free_adamw"}, "--optim schedule_free_adamw needs a package that is not installed: pip "
+                                       "install schedulefree"),  # not in requirements.txt
     ({"lr_scheduler_type": "cosin"}, "--lr_scheduler_type 'cosin' is not known.*cosine"),
 ])
 def test_bad_arguments_are_refused_before_the_run_folder_is_touched(tmp_path, tiny_run, bad, match):

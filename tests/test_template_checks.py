@@ -72,8 +72,8 @@ def test_a_chat_template_reading_another_key_than_content_is_refused(tmp_path):
     with pytest.raises(UserError) as err:
         prompts.load(path)
     msg = str(err.value)
-    assert path in msg and "system, user and assistant turns" in msg and "message['content']" in msg
-    with pytest.raises(UserError, match="drops the content of the system, user and assistant"):
+    assert path in msg and "user and assistant turns" in msg and "message['content']" in msg
+    with pytest.raises(UserError, match="drops the content of the user and assistant"):
         prompts.for_data(path, "chat")  # how training picks it, before the model loads
 
 
@@ -81,11 +81,11 @@ def test_only_the_roles_whose_content_is_dropped_are_named(tmp_path):
     # Writes the assistant's turn from message['content'] but the others from message['value'].
     text = llama().replace("{{- message['content'] | trim + '<|eot_id|>' -}}\n{%- endif",
                            "{{- message['value'] | trim + '<|eot_id|>' -}}\n{%- endif")
-    with pytest.raises(UserError, match=r"the system and user turns: "):
+    with pytest.raises(UserError, match=r"the user turn: "):
         prompts.load(write(tmp_path, "half.jinja", text))
+    # A template that skips system turns (Phi-3's original layout) is a layout, not a misread key: it loads.
     silent = llama(check="{%- if message['role'] != 'system' -%}").replace("{%- endfor", "{%- endif -%}{%- endfor")
-    with pytest.raises(UserError, match=r"of the system turn: .*raise_exception\('System role not supported'\)"):
-        prompts.load(write(tmp_path, "silent.jinja", silent))
+    assert prompts.load(write(tmp_path, "silent.jinja", silent)).kind == "chat"
 
 
 def test_a_template_that_cannot_render_a_conversation_is_refused(tmp_path):
@@ -108,12 +108,22 @@ def test_an_answer_slot_in_a_prompt_is_refused(tmp_path, key):
     assert path in msg and f"{key} has the answer's slot {{output}}" in msg and f"Remove {{output}} from {key}" in msg
 
 
-def test_a_prompt_input_without_the_input_slot_is_refused(tmp_path):
+def test_a_prompt_input_without_the_input_slot_is_refused_for_data_with_inputs(tmp_path):
+    """Refused where rows have an input (it would be dropped); a Q/A set without inputs may use such a template."""
+    from datasets import Dataset
+
+    from sftkit import data
+
     path = write(tmp_path, "noinput.json", {**KO, "prompt_input": "지시: {instruction}\n응답:\n"})
+    template = prompts.load(path)
+    rows = [{"instruction": "질문", "output": "답"}] * 3
+    assert len(data.read_rows(Dataset.from_list(rows), template)[0]) == 3
+    # The row with an input first: Dataset.from_list takes its columns from the first row.
+    with_input = [{"instruction": "질문", "input": "이 문장", "output": "답"}] + rows[:2]
     with pytest.raises(UserError) as err:
-        prompts.load(path)
+        data.read_rows(Dataset.from_list(with_input), template)
     msg = str(err.value)
-    assert path in msg and "prompt_input has no {input} slot" in msg and "Add {input} to prompt_input" in msg
+    assert "prompt_input has no {input} slot" in msg and "1 row(s)" in msg and "Add {input} to prompt_input" in msg
 
 
 # --- 4. templates that refuse a system turn ----------------------------------------------------------------------
@@ -137,6 +147,9 @@ def test_a_models_own_template_refusing_system_is_still_tagged():
 
 def test_rows_with_a_system_turn_the_template_refuses_are_named():
     template = prompts.from_text("gemma-like", llama(NO_SYSTEM), "chat")
+    first = prompts.from_text("first", HEAD + "{{ messages[0]['content'] }}{% for m in messages %}{{ m['content'] }}"
+                              "<|eot_id|>{% endfor %}", "chat")  # reads turn 0, as Llama 3.1's own template does
+    own_template.check_conversations(first, [[], [CHAT[0]], CHAT])  # rows without an answer are dropped anyway
     rows = [CHAT, CHAT, [SYSTEM, *CHAT], CHAT]
     own_template.check_conversations(template, [CHAT] * 3)
     with pytest.raises(UserError) as err:
