@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from . import datafile, rowcheck
+from .columns import apply_mapping, parse_columns
 from .own_template import check_conversations
 from .errors import UserError
 from .prompts import Template, check_inputs_kept, render
@@ -20,22 +21,6 @@ log = logging.getLogger("sftkit")
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 FORMATS = ("auto", "alpaca", "chat", "text")
-
-
-def parse_columns(columns) -> dict:
-    """`--columns 'instruction=question,output=answer'` (or a dict from Fire) -> {field: column}."""
-    if not columns:
-        return {}
-    if isinstance(columns, dict):
-        return {str(k): str(v) for k, v in columns.items()}
-    pairs = {}
-    for part in str(columns).split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UserError(f"--columns {columns!r}: write FIELD=COLUMN pairs separated by commas, "
-                            "e.g. --columns 'instruction=question,output=answer'.")
-        pairs[key.strip()] = value.strip()
-    return pairs
 
 
 def load_dataset_any(dataset: str, split: str = "train"):
@@ -142,19 +127,6 @@ def format_of(ds, data_format: str = "auto", columns=None) -> str:
     return detect_format(apply_mapping(ds, parse_columns(columns)).column_names, data_format)
 
 
-def apply_mapping(ds, mapping: dict):
-    """Renames data-set columns onto the fields the template and formats expect ({field: column})."""
-    missing = [col for col in mapping.values() if col not in ds.column_names]
-    if missing:
-        raise UserError(f"--columns maps onto {missing}, which the data set lacks. Its columns are "
-                        f"{ds.column_names}.")
-    renames = {col: fld for fld, col in mapping.items() if col != fld}
-    clash = [fld for col, fld in renames.items() if fld in ds.column_names and fld not in renames]
-    if clash:
-        ds = ds.remove_columns(clash)  # the user's mapping wins over a column that already had that name
-    return ds.rename_columns(renames) if renames else ds
-
-
 def to_messages(row: dict, index: int = 0) -> list:
     """`messages` or ShareGPT `conversations`, normalised to role/content turns. Either column may hold
     either style of turn: data sets mix the names up, and the turns mean the same thing."""
@@ -183,7 +155,7 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
     """Validates and renders the rows once, before the model loads, so bad data fails fast. Returns (dataset in a
     TRL layout, without EOS: finalize() adds it once the tokenizer is known; info dict with the format and
     the counts)."""
-    ds = apply_mapping(ds, parse_columns(columns))
+    ds = apply_mapping(ds, parse_columns(columns), template.fields)
     fmt = detect_format(ds.column_names, data_format)
     required = {"alpaca": ["instruction", "output"], "text": ["text"]}.get(fmt, [])
     missing = [c for c in required if c not in ds.column_names]

@@ -57,6 +57,20 @@ def test_template_field_the_data_lacks(tmp_path):
         prepared(ds, t, EOS)
 
 
+def test_columns_mapping_that_would_lose_a_column_is_refused():
+    """--columns: a field nothing reads, or one column onto two fields (a rename moves it once, so the other
+    field would silently be empty), is named; a custom template's own field is accepted."""
+    ds = Dataset.from_list([{"question": "q", "answer": "a", "ctx": "c"}])
+    with pytest.raises(UserError, match=r"names \['foo'\], which no format or template reads"):
+        data.read_rows(ds, KO, columns="instruction=question,output=answer,foo=question")
+    with pytest.raises(UserError, match=r"\['question'\] onto several fields \(instruction, input\)"):
+        data.read_rows(ds, KO, columns="instruction=question,input=question,output=answer")
+    t = prompts.from_text("ctx", '{"prompt_input": "{instruction}{input}{context}", '
+                          '"prompt_no_input": "{instruction}{context}"}', chat=False)
+    rows, info = data.read_rows(ds, t, columns="instruction=question,output=answer,context=ctx")
+    assert info["rows_used"] == 1 and "c" in rows[0]["prompt"]
+
+
 def test_unknown_paths_and_unreadable_files(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         data.load_dataset_any("./missing.jsonl")
