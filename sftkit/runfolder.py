@@ -67,8 +67,12 @@ class RunFolder:
     def read(self) -> RunRecord:
         """The record, or a UserError that says what to pass instead."""
         if not self.path.is_dir():
-            raise UserError(f"run folder {str(self.path)!r} does not exist. Pass the --output_dir of a training run "
+            what = "is a file, not a run folder" if self.path.exists() else "does not exist"
+            raise UserError(f"run folder {str(self.path)!r} {what}. Pass the --output_dir of a training run "
                             "(train_unsloth.py prints it at the end).")
+        if not self.record_path.is_file() and (self.path.parent / RECORD).is_file():  # a checkpoint-N inside a run
+            raise UserError(f"{str(self.path)!r} is a folder inside the run {str(self.path.parent)!r} (a checkpoint): "
+                            f"pass the run folder itself, {str(self.path.parent)!r}.")
         if not self.record_path.is_file():
             raise UserError(f"{str(self.path)!r} has no {RECORD}, so it was not written by train_unsloth.py (or the "
                             "run never started). Pass a run folder that train_unsloth.py wrote (infer.py can also "

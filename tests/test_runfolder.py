@@ -148,3 +148,13 @@ def test_metrics_past_the_checkpoint_are_dropped_when_a_run_resumes(tmp_path):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
     keep_through(path, 5)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_reading_a_file_or_a_checkpoint_instead_of_the_run_says_which(tmp_path):
+    path = finished_run(tmp_path / "run")
+    (path / "checkpoint-2").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="is a file, not a run folder"):
+        RunFolder(tmp_path / "notes.txt").read()
+    with pytest.raises(UserError, match=f"inside the run '{path}' .*pass the run folder itself"):
+        RunFolder(path / "checkpoint-2").read()
