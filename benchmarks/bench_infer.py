@@ -72,6 +72,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
            profile_tokens: int = 0, dtype: str = "auto"):
     from sftkit import estimate
     from sftkit.backend import add_lora, choose, for_inference, load_model  # unsloth first, when chosen
+    from sftkit.batchfile import batch_cache_len
 
     import torch
 
@@ -121,7 +122,7 @@ def worker(model_dir: str, variant: str, new_tokens: int, batch: int, repeats: i
         t0 = time.perf_counter()
         kw = extra
         if len(texts) > 1 and "max_cache_len" in kw:  # a batch sizes the cache as infer.py's batch mode does
-            kw = {**kw, "max_cache_len": -(-(enc["input_ids"].shape[1] + new_tokens) // 256) * 256}
+            kw = {**kw, "max_cache_len": batch_cache_len(enc["input_ids"].shape[1], new_tokens)}
             # transformers keeps the longest static cache any earlier call asked for (bs1's 2048 tokens: 8.6 GB of
             # KV at bs32, out of memory under the T4 cap), which a batch file run by infer.py never had
             for m in model.modules():

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from .datafile import kind, read_text
+from .datafile import kind, numbered_lines
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -25,7 +25,8 @@ def read_prompts(input_file: str) -> list:
                         "(and optional 'input') per line.")
     need = 'each line needs a JSON object like {"instruction": "your question", "input": ""} ("input" optional)'
     rows = []
-    for n, line in numbered_lines(input_file):
+    # Decoded as data files are: a BOM is dropped, and another encoding is refused with its iconv fix.
+    for n, line in numbered_lines(input_file, "--input_file "):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
@@ -45,19 +46,13 @@ def read_prompts(input_file: str) -> list:
     return rows
 
 
-def numbered_lines(input_file: str) -> list:
-    """(line number, text) of the file's non-blank lines: the rows read_prompts returns, in order. Decoded by
-    datafile.read_text, as data files are: a BOM is dropped, and another encoding is refused with its iconv fix."""
-    return [(n, line) for n, line in enumerate(read_text(input_file, "--input_file ").splitlines(), 1) if line.strip()]
-
-
 def check_systems(template, input_file: str, rows: list):
     """A line's own "system" key needs a chat template. Refused here, naming the file and its lines: the generic
     check would blame a --system the user never passed."""
     given = [i for i, r in enumerate(rows) if r.get("system")]
     if not given or template.kind == "chat":
         return
-    lines = [n for n, _ in numbered_lines(input_file)] if Path(input_file).is_file() else []
+    lines = [n for n, _ in numbered_lines(input_file, "--input_file ")] if Path(input_file).is_file() else []
     at = [str(lines[i] if len(lines) == len(rows) else i + 1) for i in given]  # rows not from this file: positions
     where = f"line {at[0]}" if len(at) == 1 else f"lines {', '.join(at[:5])}{' and more' if len(at) > 5 else ''}"
     what = "raw text" if template.kind == "text" else "an instruction template"
@@ -65,6 +60,12 @@ def check_systems(template, input_file: str, rows: list):
     raise UserError(f"--input_file {input_file} {where}: a \"system\" key needs a chat template, and this run's "
                     f"template {template.name!r} is {what}. Drop \"system\" from {them}, or answer them with a run "
                     "(or --prompt) that uses a chat template.")
+
+
+def batch_cache_len(prompt_tokens: int, new_tokens: int) -> int:
+    """The static KV cache a batch file decodes with under --cuda_graphs: its longest prompt plus the new tokens,
+    rounded up to 256 (so files of similar lengths reuse one compiled step)."""
+    return -(-(prompt_tokens + new_tokens) // 256) * 256
 
 
 GEN_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
@@ -161,7 +162,7 @@ def run_batch(g, input_file: str, output_file: str, batch_size: int = 8, compare
     width = min(batch_size, len(todo))
     if g.compiled and todo:  # one cache for the whole file, as long as its longest prompt needs (in 256s)
         need = max(len(g.row_ids(r)) for _, r in todo)
-        g.gen["max_cache_len"] = -(-(need + g.gen.get("max_new_tokens", 128)) // 256) * 256
+        g.gen["max_cache_len"] = batch_cache_len(need, g.gen.get("max_new_tokens", 128))
     with dst.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="prompt") as bar:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import datafile, rowcheck
 from .columns import apply_mapping, parse_columns
-from .own_template import check_conversations
+from .own_template import answered, check_conversations
 from .errors import UserError
 from .prompts import Template, check_inputs_kept, render
 
@@ -200,7 +200,7 @@ def read_rows(ds, template: Template, data_format: str = "auto", columns=None, m
     elif fmt == "chat":
         ds = ds.map(lambda r, i: {"messages": to_messages(r, i)}, with_indices=True, remove_columns=ds.column_names)
         check_conversations(template, ds["messages"])  # a turn the template refuses, named before the model loads
-        ds = ds.filter(lambda r: any(m["role"] == "assistant" and str(m["content"]).strip() for m in r["messages"]))
+        ds = ds.filter(lambda r: answered(r["messages"]))
     else:
         column = parse_columns(columns).get("text", "text")  # name the user's own column in the error
         ds = ds.filter(lambda r, i: bool(text_of(r["text"], column, i).strip()), with_indices=True)

@@ -92,6 +92,11 @@ def read_text(path, what: str = "") -> str:
         raise bad_bytes(path, at, raw.count(b"\n", 0, at) + 1, raw[at:], what) from None
 
 
+def numbered_lines(path, what: str = "") -> list:
+    """(line number, text) of an input file's non-blank lines, decoded by read_text."""
+    return [(n, line) for n, line in enumerate(read_text(path, what).splitlines(), 1) if line.strip()]
+
+
 def not_utf16(path: Path, head: bytes, what: str = ""):
     if head[:2] in UTF16:
         raise UserError(f"{what}{path} is UTF-16 text; it must be UTF-8. Re-save it as UTF-8 (an editor's 'Save as "

@@ -66,4 +66,3 @@ def run_mean_loss(log_history) -> float | None:
         if "loss" in h and h.get("step", 0) > prev:
             total, steps, prev = total + h["loss"] * (h["step"] - prev), steps + h["step"] - prev, h["step"]
     return round(total / steps, 4) if steps else None
-

@@ -159,6 +159,11 @@ def check_turns_kept(t: Template, where: str):
                         "write message['content'].")
 
 
+def answered(turns) -> bool:
+    """A conversation with an assistant turn that says something: the rows chat training keeps."""
+    return any(m["role"] == "assistant" and str(m["content"]).strip() for m in turns)
+
+
 def check_conversations(t: Template, conversations):
     """Each row's turns as the chat template takes them, before the model loads: a template that refuses turns
     (raise_exception: a system turn, or turns that do not alternate, in Gemma's and Mistral's templates) is named
@@ -166,8 +171,8 @@ def check_conversations(t: Template, conversations):
     per distinct sequence of roles is rendered."""
     seen = set()
     for index, turns in enumerate(conversations):
-        if not any(m["role"] == "assistant" and str(m["content"]).strip() for m in turns):
-            continue  # no answer: dropped with the other empty rows (and [] would fail templates reading turn 0)
+        if not answered(turns):
+            continue  # dropped with the other empty rows (and [] would fail templates reading turn 0)
         roles = tuple(m["role"] for m in turns)
         why = "" if roles in seen else refusal(t.text, turns)
         seen.add(roles)

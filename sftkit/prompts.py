@@ -176,7 +176,8 @@ def raise_exception(message):
 def compiled(text: str):
     """The template compiled in an environment like transformers' (chat_template_utils: sandboxed, trim_blocks,
     lstrip_blocks, loop controls, the generation tag, raise_exception, strftime_now, tojson), so what renders here
-    renders there, without importing transformers (seconds) to load a template."""
+    renders there. Not transformers' own (_compile_jinja_template, private): importing it imports transformers,
+    and infer.py loads the template before the backend is chosen, when Unsloth must still come first."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                                        extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(

@@ -105,15 +105,16 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     if not (folder.path / "adapter_config.json").is_file() or not any(
             (folder.path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
         lost = f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors)"
-        if rec.status == "running":  # --resume needs a checkpoint: without one, only a new start is possible
-            then = (f"continue it with train_unsloth.py --resume --output_dir {adapter}" if folder.checkpoints(
-                quiet=True) else f"start it again with train_unsloth.py --overwrite --output_dir {adapter}")
+        resumable = bool(folder.checkpoints(quiet=True))  # --resume needs one: without, only a new start is possible
+        if rec.status == "running":
+            then = (f"continue it with train_unsloth.py --resume --output_dir {adapter}" if resumable else
+                    f"start it again with train_unsloth.py --overwrite --output_dir {adapter}")
             raise UserError(f"{lost}: its run is still training, or was killed. Wait for it to finish; if it was "
                             f"killed, {then}")
         if rec.status == "finished":
             raise UserError(f"{lost}, though its run finished: the adapter files were moved or deleted. Put them "
                             f"back, or train again with train_unsloth.py --overwrite --output_dir {adapter}")
-        if not folder.checkpoints(quiet=True):
+        if not resumable:
             raise UserError(f"{lost}: its run ended ({rec.status}) before saving a checkpoint. Train again with "
                             f"train_unsloth.py --overwrite --output_dir {adapter}")
         raise UserError(f"{lost}: its run ended ({rec.status}) before saving the adapter. Continue it with "

@@ -1,8 +1,8 @@
 """run.json: one typed, versioned record of a run, and what it says when a run starts. RunFolder (runfolder.py) is
 its one writer; --resume, infer.py and memory_report.py read it through RunFolder.read()."""
 
-import re
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path

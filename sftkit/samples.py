@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import prompts as templates
 from . import stopping
-from .datafile import read_text
+from .datafile import numbered_lines
 from .errors import UserError
 
 log = logging.getLogger("sftkit")
@@ -30,7 +30,7 @@ def read_prompts_file(path) -> list[dict]:
         raise UserError(f"--sample_prompts {path!r} does not exist: pass a .jsonl file or a text file with one "
                         "prompt per line.")
     # read_text: a cp949 file is refused as a data file is (place, iconv fix), and a BOM is not part of prompt 1
-    lines = [(n, line) for n, line in enumerate(read_text(p, "--sample_prompts ").splitlines(), 1) if line.strip()]
+    lines = numbered_lines(p, "--sample_prompts ")
     if not lines:
         raise UserError(f"--sample_prompts {path!r} is empty: write one prompt per line.")
     as_json = p.suffix.lower() in (".jsonl", ".json") or lines[0][1].lstrip().startswith(("{", '"'))

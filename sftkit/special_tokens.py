@@ -121,9 +121,10 @@ def row_ids(tokenizer, template: Template, rows, n: int = SCAN) -> list[list[int
 
 def fix_with(fixer, model, bad, tokenizer, ids_of_rows, who: str = "the backend's") -> tuple[list[int], list[int]]:
     """Runs a backend's own fix (Unsloth's fix_untrained_tokens on its path) on the untrained rows `bad` (as
-    untrained() found them among the template's ids), then sftkit's for any it left as they were. Rows it set outside those ids (Unsloth sets every untrained row the data
-    or template use, and zeroes the output rows of reserved tokens) are put back: the adapter carries only these
-    ids' rows, so inference would not see those changes. Returns (ids the backend's fix set, ids sftkit's set)."""
+    untrained() found them among the template's ids), then sftkit's for any it left as they were. Rows it set
+    outside those ids (Unsloth sets every untrained row the data or template use, and zeroes the output rows of
+    reserved tokens) are put back: the adapter carries only these ids' rows, so inference would not see those
+    changes. Returns (ids the backend's fix set, ids sftkit's set)."""
     import torch
 
     if not bad:
