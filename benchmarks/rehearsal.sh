@@ -8,7 +8,8 @@
 #   bash benchmarks/rehearsal.sh build train-c         # --fast --packing and hf --fast, beside the notebook config
 #   bash benchmarks/rehearsal.sh build profile         # one profiled step at 2 x 4 and 8 x 1 (fast mode's split)
 #   bash benchmarks/rehearsal.sh build infer-profile   # one profiled batch-1 generate per decoding path
-#   BARE_DTYPE=fp16 TESTS_K=compiled_decoding bash benchmarks/rehearsal.sh tests-bare   # fp16-trained, uncapped
+#   TEST_DTYPE=fp16 TESTS_K=compiled_decoding bash benchmarks/rehearsal.sh tests-bare   # fp16-trained, uncapped
+#   SPLIT=test_gpu.py bash benchmarks/rehearsal.sh tests-t4   # x2 kind: half the suite per GPU, in parallel
 #
 # Run after the bundle prefix of ../shared/gpu/prefix.txt, with `.gpu/` carried: .gpu/t4.sh (a copy of
 # ../shared/gpu/t4.sh: MPS caps each process to 10 SMs and 15102 MiB), and, for the tests, .gpu/fixture (the real
@@ -23,6 +24,12 @@ train() {  # one invocation: every variant side by side, fp16 as on a T4
   $T4 python3 benchmarks/bench_train.py --shape llama-3.1-8b --dtype fp16 --steps 8 --warmup 3 --seq_lens "" \
     --cache "$CACHE" --out "$OUT/train-8b-t4-$name.json" "$@" 2>&1 | tee "$OUT/train-8b-t4-$name.log" | grep -v '^{'
 }
+suite() {  # the GPU tests, output to $1 and stdout, cut at TESTS_TIMEOUT (a call may run 10 minutes)
+  local log=$1; shift
+  timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -m gpu -q -p no:cacheprovider -rxXfE --durations=8 "$@" 2>&1 \
+    | tee "$log"
+}
+LOG_TAG=${LOG_TAG:-}  # tells apart the logs of runs of one stage in one call
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case $stage in
@@ -52,16 +59,27 @@ make_model('llama-3.1-8b', Path('$CACHE'))" ;;
         --profile_tokens 16 --worker_timeout 250 --out "$OUT/infer-profile-8b-t4.json" 2>&1 \
         | tee "$OUT/infer-profile-8b-t4.log" | grep -v '^{' ;;
     tests-t4|tests-bare)  # the whole GPU suite: under the cap in fp16 (as a T4 trains), or on the bare GPU. Under
-      # the cap it outlasts one call (21 of 25 tests in 570 s): split it, e.g. TESTS_K="test_gpu.py", then
-      # TESTS_K="not test_gpu.py"
-      mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc
+      # the cap it outlasts one call (21 of 25 tests in 570 s): split it by -k over two calls, or, on the x2 kind,
+      # SPLIT=EXPR runs -k EXPR on GPU 0 and -k "not (EXPR)" on GPU 1 at once (logs $stage-a, $stage-b)
+      [ -e /tmp/lc/.done ] || { mkdir -p /tmp/lc && tar xzf .gpu/llamacpp.tar.gz -C /tmp/lc && touch /tmp/lc/.done; }
       export PYTHONPATH=$PYTHONPATH:/tmp/lc/site LLAMA_CPP_DIR=/tmp/lc/conv LLAMA31_TOKENIZER=$PWD/.gpu/fixture
-      # BARE_DTYPE=fp16 trains the test runs uncapped as the rehearsal trains them: it tells the cap from the dtype
-      if [ "$stage" = tests-t4 ]; then export SFTKIT_TEST_DTYPE=fp16; wrap=$T4
-      elif [ -n "${BARE_DTYPE:-}" ]; then export SFTKIT_TEST_DTYPE=$BARE_DTYPE; wrap=
-      else unset SFTKIT_TEST_DTYPE; wrap=; fi
-      timeout "${TESTS_TIMEOUT:-560}" $wrap python3 -m pytest -m gpu -q -p no:cacheprovider -rxXfE --durations=8 \
-        ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/$stage.log" | tail -40 ;;
+      # the dtype the test runs train in: fp16 under the cap (a T4's), the GPU's choice bare; TEST_DTYPE sets it
+      # either way (auto: the GPU's choice), which tells the cap from the dtype
+      dtype=${TEST_DTYPE:-$([ "$stage" = tests-t4 ] && echo fp16 || echo auto)}
+      if [ "$dtype" = auto ]; then unset SFTKIT_TEST_DTYPE; else export SFTKIT_TEST_DTYPE=$dtype; fi
+      wrap=; [ "$stage" = tests-t4 ] && wrap=$T4
+      if [ -n "${SPLIT:-}" ]; then  # one wrap, so one MPS daemon for both halves (t4.sh stops it when it ends)
+        LOG=$stage$LOG_TAG $wrap bash "$0" halves; tail -n 14 "$OUT/$stage$LOG_TAG"-[ab].log
+      else
+        suite "$OUT/$stage$LOG_TAG.log" ${TESTS_K:+-k "$TESTS_K"} | tail -40
+      fi ;;
+    halves)  # inside tests-*'s wrap: -k SPLIT on GPU 0, the rest on GPU 1. Unsloth writes its compiled modules
+             # under the working folder unless told where: a folder per half, or the halves race on the files
+      CUDA_VISIBLE_DEVICES=0 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth-cache-a suite "$OUT/$LOG-a.log" -k "$SPLIT" \
+        >/dev/null &
+      CUDA_VISIBLE_DEVICES=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth-cache-b suite "$OUT/$LOG-b.log" -k "not ($SPLIT)" \
+        >/dev/null &
+      wait ;;
     *) echo "unknown stage $stage (build, train-a, train-b, train-c, profile, infer, infer-profile, tests-t4," \
          "tests-bare)"; exit 2 ;;
   esac
