@@ -26,7 +26,10 @@ train() {  # one invocation: every variant side by side, fp16 as on a T4
 }
 suite() {  # the GPU tests, output to $1 and stdout, cut at TESTS_TIMEOUT (a call may run 10 minutes)
   local log=$1; shift
-  timeout "${TESTS_TIMEOUT:-560}" python3 -m pytest -m gpu -q -p no:cacheprovider -rxXfE --durations=8 "$@" 2>&1 \
+  # SIGINT, not TERM: pytest then still reports what ran (a TERM'd run left only its dots). TESTS_R=xXfEP adds
+  # the output of passed tests (the compiled-decoding figures)
+  timeout -s INT -k 30 "${TESTS_TIMEOUT:-560}" python3 -m pytest -m gpu -q -p no:cacheprovider -r"${TESTS_R:-xXfE}" \
+    --durations=8 "$@" 2>&1 \
     | tee "$log"
 }
 LOG_TAG=${LOG_TAG:-}  # tells apart the logs of runs of one stage in one call

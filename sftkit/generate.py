@@ -5,7 +5,6 @@ The template comes from the training run's run.json, so inference renders prompt
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from . import prompts, stopping
@@ -108,6 +107,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
     named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers). `rows`:
     a batch file's prompts, checked against the template's fields before the load."""
+    record = None  # the run's record, where an adapter is served
     if adapter:
         settings, record = inference_settings(adapter, {"model_name": model_name, "prompt": prompt,
                                                         "max_seq_length": max_seq_length})
@@ -128,11 +128,9 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
         check_fields(template, rows)
         prompts.check_system(template, system)
     because = ""
-    if cuda_graphs and cuda_available() and not graphs_verified(torch_capability(), mps_sm_share()):
-        # Before the backend is chosen: without the flag, auto keeps Unsloth's fast generation on such a GPU.
-        log.info("--cuda_graphs is off on this GPU (compute capability %d.%d, %d%% of its SMs): compiled decoding "
-                 "was checked against eager decoding on whole H100/H200 GPUs only; decoding as without the flag",
-                 *torch_capability(), mps_sm_share())
+    off = graphs_off_because(torch_capability(), trained_dtype(record)) if cuda_graphs and cuda_available() else ""
+    if off:  # before the backend is chosen: without the flag, auto keeps Unsloth's fast generation
+        log.info("--cuda_graphs is off: %s; decoding as without the flag", off)
         cuda_graphs = False
     if cuda_graphs:  # before the (slow) model load
         backend, because = graphs_backend(backend, load_in_4bit)
@@ -182,26 +180,24 @@ def check_fields(template, rows=None):
                             f"{template.name!r} uses: add the key(s) to every line.")
 
 
-def graphs_verified(capability, sm_share: int = 100) -> bool:
-    """Whether --cuda_graphs may compile here. On bare H100/H200 it gave eager decoding's tokens
-    (tests/test_gpu_graphs.py). No GPU below compute capability 8.0 (a T4: no bf16, other kernels) has run it. In
-    the T4 rehearsal (an H200 under an MPS cap of 8% of its SMs, `sm_share`, still reporting 9.0) one test's
-    compiled greedy tokens differed from eager; that test's adapter was trained in fp16 there, so the cause is not
-    yet isolated (benchmarks/README.md, session 10). Until it is, a T4 or an MPS-capped GPU decodes as without the
-    flag rather than risk other answers; an uncapped 8.0+ GPU (A100, L4, H100) compiles."""
-    return tuple(capability) >= (8, 0) and sm_share >= 100
+def graphs_off_because(capability, trained_dtype: str = "") -> str:
+    """Why --cuda_graphs may not compile here ("" where it may): it compiles only where compiled greedy decoding was
+    checked against eager decoding and gave its tokens (tests/test_gpu_graphs.py): compute capability 8.0 and
+    newer (no GPU below, e.g. a T4, has run it), and adapters trained in bf16. An adapter trained in fp16 (what a
+    T4 trains) gave other tokens compiled than eager, with inductor's kernels, on the whole H200 as under the T4
+    rehearsal's SM cap, while bf16-trained ones matched under both (benchmarks/README.md, session 11)."""
+    if tuple(capability) < (8, 0):
+        return (f"compute capability {capability[0]}.{capability[1]} (compiled decoding was checked on 8.0 and "
+                "newer only)")
+    if trained_dtype == "fp16":
+        return ("this adapter was trained in fp16, and compiled decoding of fp16-trained adapters gave other tokens "
+                "than eager decoding")
+    return ""
 
 
-def mps_sm_share() -> int:
-    """Percent of the GPU's SMs this process may use as NVIDIA MPS's per-client variable sets it
-    (CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, what ../shared/gpu/t4.sh sets), 0-100; 100 where it is unset or unreadable.
-    A cap set through the MPS control daemon instead is not seen here."""
-    share = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "").strip()
-    try:
-        value = float(share)
-    except ValueError:  # unset, or not a number: no cap this process can read
-        return 100
-    return 100 if value != value else int(min(100.0, max(0.0, value)))  # NaN: unreadable; inf clamps
+def trained_dtype(record) -> str:
+    """The dtype a run's adapter trained in (run.json's backend), "" for a plain model or an older record."""
+    return str((record.backend or {}).get("dtype", "")) if record is not None else ""
 
 
 def cuda_available() -> bool:
