@@ -107,7 +107,6 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
     """Loads base model (+ adapter, merged into its weights if asked) from a run folder, or a plain model with a
     named template; with cuda_graphs, decoding is compiled into CUDA graphs (GPU, plain transformers). `rows`:
     a batch file's prompts, checked against the template's fields before the load."""
-    record = None  # the run's record, where an adapter is served
     if adapter:
         settings, record = inference_settings(adapter, {"model_name": model_name, "prompt": prompt,
                                                         "max_seq_length": max_seq_length})
@@ -128,7 +127,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
         check_fields(template, rows)
         prompts.check_system(template, system)
     because = ""
-    off = graphs_off_because(torch_capability(), trained_dtype(record)) if cuda_graphs and cuda_available() else ""
+    off = graphs_off_because(torch_capability()) if cuda_graphs and cuda_available() else ""
     if off:  # before the backend is chosen: without the flag, auto keeps Unsloth's fast generation
         log.info("--cuda_graphs is off: %s; decoding as without the flag", off)
         cuda_graphs = False
@@ -180,24 +179,15 @@ def check_fields(template, rows=None):
                             f"{template.name!r} uses: add the key(s) to every line.")
 
 
-def graphs_off_because(capability, trained_dtype: str = "") -> str:
-    """Why --cuda_graphs may not compile here ("" where it may): it compiles only where compiled greedy decoding was
-    checked against eager decoding and gave its tokens (tests/test_gpu_graphs.py): compute capability 8.0 and
-    newer (no GPU below, e.g. a T4, has run it), and adapters trained in bf16. An adapter trained in fp16 (what a
-    T4 trains) gave other tokens compiled than eager, with inductor's kernels, on the whole H200 as under the T4
-    rehearsal's SM cap, while bf16-trained ones matched under both (benchmarks/README.md, session 11)."""
+def graphs_off_because(capability) -> str:
+    """Why --cuda_graphs may not compile here ("" where it may): compiled greedy decoding was checked against eager
+    decoding on compute capability 8.0 and newer (tests/test_gpu_graphs.py: bare H100/H200, and an H200 capped to
+    a T4's 10 SMs, for bf16- and fp16-trained adapters); no GPU below 8.0 (a T4: no bf16, other kernels) has run it.
+    """
     if tuple(capability) < (8, 0):
         return (f"compute capability {capability[0]}.{capability[1]} (compiled decoding was checked on 8.0 and "
                 "newer only)")
-    if trained_dtype == "fp16":
-        return ("this adapter was trained in fp16, and compiled decoding of fp16-trained adapters gave other tokens "
-                "than eager decoding")
     return ""
-
-
-def trained_dtype(record) -> str:
-    """The dtype a run's adapter trained in (run.json's backend), "" for a plain model or an older record."""
-    return str((record.backend or {}).get("dtype", "")) if record is not None else ""
 
 
 def cuda_available() -> bool:

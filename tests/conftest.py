@@ -125,13 +125,3 @@ def unsloth_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gpu")
     return train(**quick_args(tmp, backend="unsloth", max_steps=20, max_samples=32, learning_rate=2e-2))
-
-
-def graphs_off(run) -> str:
-    """Why infer.py --cuda_graphs would decode eagerly for this run on this GPU ("" where it compiles)."""
-    import torch
-
-    from sftkit.generate import graphs_off_because, trained_dtype
-    from sftkit.runfolder import RunFolder
-
-    return graphs_off_because(torch.cuda.get_device_capability(), trained_dtype(RunFolder(run).read()))

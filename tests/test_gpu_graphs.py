@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, graphs_off, write_jsonl
+from conftest import SAMPLE, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -31,13 +31,18 @@ e = torch.stack(eager.logits).float()  # (steps, 1, vocab)
 new = eager.sequences[0, ids.shape[1]:]
 first = [next((i for i, (a, b) in enumerate(zip(new, r.sequences[0, ids.shape[1]:])) if a != b), None) for r in runs]
 top2 = e[:, 0].topk(2).values  # eager's margin between its best two tokens at each step: a near-tie flips easily
+upto = [len(e) if i is None else i + 1 for i in first]  # steps that saw the same context in both runs
 print(json.dumps({"compiled": hasattr(g.model.get_base_model(), "_compiled_call"),
                   "same_tokens": [torch.equal(eager.sequences, r.sequences) for r in runs],
                   "rel_diff": [((torch.stack(r.logits).float() - e).norm() / e.norm()).item() for r in runs],
                   # the first step has the same context in both: a kernel difference, not a divergence, shows here
                   "step0_rel_diff": [((r.logits[0].float() - e[0]).norm() / e[0].norm()).item() for r in runs],
                   "first_diverging_step": first,
-                  "eager_margin_there": [None if i is None else (top2[i, 0] - top2[i, 1]).item() for i in first]}))
+                  "same_context_rel_diff": [((torch.stack(r.logits[:n]).float() - e[:n]).norm() / e[:n].norm()).item()
+                                            for r, n in zip(runs, upto)],
+                  "eager_margin_there": [None if i is None else (top2[i, 0] - top2[i, 1]).item() for i in first],
+                  # one step of bf16 (8 significant bits) at the best logit: closer than that is a tie
+                  "tie_width": [None if i is None else top2[i, 0].abs().item() * 2 ** -7 for i in first]}))
 """
 
 
@@ -45,9 +50,8 @@ print(json.dumps({"compiled": hasattr(g.model.get_base_model(), "_compiled_call"
 def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path, mode):
     """compiled_decoding lets transformers compile the 4-bit decode step into CUDA graphs (it refuses bitsandbytes
     on its own). In a process of its own: Unsloth, imported by the other tests, patches transformers' Llama. The
-    modes take it apart (for an fp16-trained adapter inductor's tokens differed, bare and capped; the last two
-    matched): inductor's fused kernels in graphs (what --cuda_graphs runs), its kernels without graphs, the eager
-    kernels recorded into graphs, and the static KV cache alone."""
+    modes take it apart: inductor's fused kernels in graphs (what --cuda_graphs runs), its kernels without graphs,
+    the eager kernels recorded into graphs, and the static KV cache alone."""
     import os
     import subprocess
     import sys
@@ -61,14 +65,14 @@ def test_compiled_decoding_of_a_4bit_adapter_matches_eager(unsloth_run, tmp_path
     res = json.loads(done.stdout.strip().splitlines()[-1])
     print(mode, res)
     assert res["compiled"] == (mode != "static")
-    same = all(res["same_tokens"]) and max(res["rel_diff"]) < 0.02  # bf16 kernels fused differently: close
-    off = graphs_off(unsloth_run)
-    if not same and mode in ("inductor", "fused") and off:
-        # Where --cuda_graphs does not compile (below 8.0; an fp16-trained adapter, whose inductor tokens differed
-        # bare and capped) a mismatch of inductor's kernels is known, not the product's; reported with the
-        # figures that tell a kernel difference (step 0) from a near-tie that flipped (the margin).
-        pytest.xfail(f"--cuda_graphs is off here ({off}); {mode}: {res}")
-    assert same, res
+    # Each compiled run gives eager's tokens with close logits (bf16 kernels fused differently), or flips a tie:
+    # its logits agree while both runs see the same context, and where the tokens first differ eager's best two
+    # were tied (an fp16-trained tiny adapter, bare and capped: margin 0.0 at step 10, step 0's logits identical).
+    # Past that step the contexts differ, so later logits do not compare.
+    ok = [(same and diff < 0.02) or (n is not None and d < 0.02 and m <= w) for same, diff, n, d, m, w in zip(
+        res["same_tokens"], res["rel_diff"], res["first_diverging_step"], res["same_context_rel_diff"],
+        res["eager_margin_there"], res["tie_width"])]
+    assert all(ok), res
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
@@ -78,6 +82,10 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
     base), and the log says how it decodes."""
     import subprocess
     import sys
+
+    import torch
+
+    from sftkit.generate import graphs_off_because
 
     root = Path(__file__).resolve().parent.parent
     rows = [json.loads(line) for line in Path(SAMPLE).read_text(encoding="utf-8").splitlines()[:5]]
@@ -91,8 +99,9 @@ def test_infer_cli_cuda_graphs_batch_answers_like_eager(unsloth_run, tmp_path, m
                                *extra], capture_output=True, text=True, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
         answers[name] = [json.loads(line)["answer"] for line in dst.read_text(encoding="utf-8").splitlines()]
-        if name == "graphs" and graphs_off(unsloth_run):  # said
-            assert f"--cuda_graphs is off: {graphs_off(unsloth_run)}" in done.stderr
+        off = graphs_off_because(torch.cuda.get_device_capability())
+        if name == "graphs" and off:  # said
+            assert f"--cuda_graphs is off: {off}" in done.stderr
         elif name == "graphs":  # and transformers did not fall back to eager decoding
             assert "decoding through CUDA graphs" in done.stderr and "unable to meet the criteria" not in done.stderr
     print(answers)
