@@ -75,7 +75,7 @@ def infer(
       load_in_4bit: load the base in 4-bit on a GPU (taken from run.json with --adapter).
       max_seq_length: context length (0 = the run's, or 2048).
       merge_adapter: fold the adapter into the base weights before decoding (faster; in 4-bit, re-quantized).
-      cuda_graphs: GPU of compute capability 8.0+, no MPS cap: decode through CUDA graphs (plain transformers).
+      cuda_graphs: GPU of compute capability 8.0+: decode through CUDA graphs (plain transformers).
       system: system prompt for chat templates (one prompt, --chat, batch lines without their own "system").
     """
     if not (instruction.strip() or chat or input_file):
