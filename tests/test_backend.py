@@ -65,6 +65,8 @@ def test_model_path_errors_say_what_to_do(tmp_path):
         backend.check_model_path(str(tmp_path))
     backend.check_model_path(TINY)  # a real model folder passes
     backend.check_model_path("unsloth/Meta-Llama-3.1-8B")  # a Hub id is left to the Hub
+    with pytest.raises(UserError, match="does not exist"):  # deeper than owner/name: no Hub id, refused at once
+        backend.check_model_path("work/examples/tiny-llama")
 
 
 def test_a_name_neither_local_nor_loadable_from_the_hub_says_where_it_looked(tmp_path, monkeypatch):

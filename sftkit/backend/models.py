@@ -20,9 +20,11 @@ def check_model_path(model_name: str):
                 "model's name." if (path / "adapter_config.json").exists() else "")
         raise UserError(f"--model_name {model_name!r} is a folder without config.json, so it is not a saved model."
                         f"{hint} Pass a folder made by save_pretrained, or a Hub id such as unsloth/Meta-Llama-3.1-8B.")
-    # "examples/tiny-lama" is a typo'd local path, not a Hub id, when its first folder exists here.
+    # "examples/tiny-lama" is a typo'd local path, not a Hub id, when its first folder exists here; and a Hub id
+    # is owner/name, so a deeper path is local wherever it is typed (else the Hub is asked, and retried, first).
     local_parent = len(path.parts) > 1 and Path(path.parts[0]).is_dir()
-    if model_name.startswith((".", "/", "~")) or local_parent or path.suffix in (".json", ".safetensors", ".bin"):
+    if (model_name.startswith((".", "/", "~")) or local_parent or len(path.parts) > 2
+            or path.suffix in (".json", ".safetensors", ".bin")):
         raise UserError(f"--model_name {model_name!r} does not exist. Check the path (it is relative to the "
                         "current folder), or pass a Hub id such as unsloth/Meta-Llama-3.1-8B.")
 
