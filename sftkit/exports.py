@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import gguf, hubcard, modelfile, portable, prompts
+from . import gguf, hubcard, modelfile, portable, prompts, stopping
 from .backend import save_merged
 from .errors import UserError
 
@@ -47,7 +47,9 @@ def merge_portable(model, tokenizer, run_dir: str, mode: str, choice, record) ->
     """A merged model that transformers 4.x and 5.x and llama.cpp's converter all read alike."""
     out = save_merged(model, tokenizer, run_dir, mode, choice, record.model_path)
     portable.make_portable(out, source_config(record.model_path))
-    log.info("merged model (%s) saved to %s", mode, out)
+    template = prompts.from_text(record.template, record.template_text, record.template_kind)
+    stops = stopping.write_stop_ids(out, tokenizer, template)
+    log.info("merged model (%s) saved to %s; it stops at ids %s", mode, out, stops)
     return out
 
 

@@ -7,6 +7,10 @@ generation config lists 128001, 128008 (<|eom_id|>) and 128009. transformers' ge
 list and stops a row at any of them, in every decoding mode (streamed, batched, static cache).
 """
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 
 def as_ids(value) -> list[int]:
     """generation_config.eos_token_id as a list: it may be an int, a list, or None."""
@@ -55,3 +59,17 @@ def cut_answer(tokenizer, template, new_tokens: list, stops) -> tuple[str, bool,
         if s in text:
             text, stopped = text.split(s, 1)[0], True
     return text.strip(), stopped, len(kept)
+
+
+def write_stop_ids(folder, tokenizer, template) -> list[int]:
+    """Puts every id that ends an answer into folder/generation_config.json's eos_token_id, keeping the ids there,
+    so that clients which take their stops from it (transformers' generate and pipeline, servers loading the
+    folder) stop where infer.py does. A base model trained on a chat template ends its turns with <|eot_id|>, which
+    the base's own config (128001 alone) does not list: without it, their answers ran on into invented turns."""
+    path = Path(folder) / "generation_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    ids = stop_ids(tokenizer, template, SimpleNamespace(eos_token_id=cfg.get("eos_token_id")))
+    if ids:
+        cfg["eos_token_id"] = ids if len(ids) > 1 else ids[0]
+        path.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+    return ids

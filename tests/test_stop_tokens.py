@@ -83,3 +83,30 @@ def test_compare_base_stops_there_too(tmp_path):
                        max_new_tokens=20)
     for adapter_off in (True, False):
         assert g.answer(QUESTION, base=adapter_off) == {"answer": "네", "stopped": "eos", "tokens": 1}
+
+
+def test_a_merged_base_trained_on_chat_stops_at_end_of_turn_in_plain_transformers(tmp_path):
+    """A base model (EOS <|end_of_text|>, generation config 128001 alone) trained on Llama 3.1's chat template ends
+    its turns with <|eot_id|>. --save_merged writes every stop id into the merged generation_config.json, so plain
+    transformers (generate, pipeline, with no eos argument) stops there as infer.py does, instead of running on."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import write_jsonl
+    from train_unsloth import train
+
+    base = real_tokenizer_model("base-meta", tmp_path / "m")
+    rows = [{"messages": [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "네"}]}] * 8
+    run = train(model_name=base, dataset=write_jsonl(tmp_path / "chat.jsonl", rows), prompt="llama-3.1-chat",
+                max_steps=30, learning_rate=3e-2, warmup_steps=0, per_device_train_batch_size=8,
+                gradient_accumulation_steps=1, save_steps=0, max_seq_length=128, output_dir=str(tmp_path / "run"),
+                save_merged="16bit")
+    merged = Path(run) / "merged-16bit"
+    assert json.loads((merged / "generation_config.json").read_text())["eos_token_id"] == [128001, 128009]
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=20, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+    assert out == tok("네", add_special_tokens=False)["input_ids"] + [128009], out  # learned, and stopped there
