@@ -1,9 +1,11 @@
 """An Ollama Modelfile beside the GGUF, built from the run's own template, so Ollama prompts the model as training did.
 
-Ollama fills a Go template with .System, .Prompt and .Response once per exchange and, for the exchange being
-answered, drops everything from {{ .Response }} on. The TEMPLATE written here uses only those fields and
-`{{ if .System }}...{{ end }}`. Ollama adds BOS itself when the GGUF says the tokenizer does (Llama 3 does), so the
-TEMPLATE leaves it out.
+A chat TEMPLATE renders the whole conversation at once from .Messages (and .System): Ollama does so for any
+template that names .Messages. Its older way fills .System, .Prompt and .Response once per exchange and drops
+everything from {{ .Response }} on for the exchange being answered; that repeats whatever opens the conversation
+(Llama 3.1 Instruct's default system block) before every turn, so it is only the fallback branch. An instruction
+template is one exchange, written that older way. Ollama adds BOS itself when the GGUF says the tokenizer does
+(Llama 3 does), so the TEMPLATE leaves it out.
 """
 
 import logging
@@ -20,6 +22,7 @@ log = logging.getLogger("sftkit")
 # 1.1, infer.py's repetition_penalty to 1.0.
 PARAMETERS = {"temperature": 0, "repeat_penalty": 1.0}
 SYSTEM_MARK, PROMPT_MARK, ANSWER_MARK = "\x01SYSTEM\x01", "\x01PROMPT\x01", "\x01ANSWER\x01"
+FIRST_MARK = "\x01FIRST\x01"  # the first user turn of a two-turn rendering
 
 
 def _go_literal(text: str) -> str:
@@ -85,17 +88,33 @@ def chat_template(tokenizer, template) -> str:
     head = plain[:start]
     if bos and head.startswith(bos):
         head = head[len(bos):]  # Ollama's tokenizer adds it
-    parts = [_go_literal(head)]
+    opening = [_go_literal(head)]
     if system_block:
         s_before, s_after = system_block.split(SYSTEM_MARK, 1)
-        parts += ["{{ if .System }}", _go_literal(s_before), "{{ .System }}", _go_literal(s_after), "{{ end }}"]
+        opening += ["{{ if .System }}", _go_literal(s_before), "{{ .System }}", _go_literal(s_after), "{{ end }}"]
     p_before, p_after = plain[start:].split(PROMPT_MARK, 1)
-    parts += [_go_literal(p_before), "{{ .Prompt }}", _go_literal(p_after), "{{ .Response }}",
-              _go_literal(after_answer)]
+    legacy = "".join(opening + [_go_literal(p_before), "{{ .Prompt }}", _go_literal(p_after), "{{ .Response }}",
+                                _go_literal(after_answer)])
     if bos and not plain.startswith(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
         log.warning("chat template %r writes no %s, but this tokenizer (so Ollama) puts one in front of every "
                     "prompt: Ollama's prompts start with a token the training rows did not have", template.name, bos)
-    return "".join(parts)
+    # A later user turn opens with less than the first (Llama 3.1: the system block's <|eot_id|> closes before the
+    # first user header): read the later turn's opening off a two-turn rendering, and check the whole of it.
+    two = render([{"role": "user", "content": FIRST_MARK}, {"role": "assistant", "content": ANSWER_MARK},
+                  {"role": "user", "content": PROMPT_MARK}])
+    between = two.split(ANSWER_MARK, 1)[1].split(PROMPT_MARK, 1)[0] if ANSWER_MARK in two else ""
+    turn = between[len(after_answer):] if between.startswith(after_answer) else None
+    if turn is None or not p_before.endswith(turn) or two != plain[:start] + p_before + FIRST_MARK + p_after + \
+            ANSWER_MARK + after_answer + turn + PROMPT_MARK + p_after:
+        log.warning("chat template %r: its later turns could not be read off its renderings, so the Modelfile "
+                    "renders one exchange at a time (multi-turn Ollama chats may differ from training)",
+                    template.name)
+        return legacy
+    turns = ['{{ range .Messages }}{{ if eq .Role "user" }}', _go_literal(turn), "{{ .Content }}",
+             _go_literal(p_after), '{{ else if eq .Role "assistant" }}{{ .Content }}', _go_literal(after_answer),
+             "{{ end }}{{ end }}"]
+    return "".join(["{{ if .Messages }}", *opening, _go_literal(p_before[:len(p_before) - len(turn)]), *turns,
+                    "{{ else }}", legacy, "{{ end }}"])
 
 
 def stop_tokens(template, eos_token: str) -> list[str]:

@@ -40,32 +40,93 @@ needs_llama = pytest.mark.skipif(bool(llama_missing()), reason=llama_missing() o
 ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
 
 
-def go_execute(text: str, values: dict, cut_at_response: bool) -> str:
-    out, active, pos = [], [], 0
+def go_parse(text: str):
+    """Nodes of the subset: text, fields (.X), string literals, if / else if / else, range .X, end."""
+    root = []
+    frames, node = [], root  # frames: [list the block sits in, the if (or range) whose lists are being filled]
+    pos = 0
     for m in ACTION.finditer(text):
-        if all(active):
-            out.append(text[pos:m.start()])
+        node.append(("text", text[pos:m.start()]))
         pos, action = m.end(), m.group(1).strip()
-        if action.startswith("if ."):
-            active.append(bool(values[action[4:]]))
+        if action.startswith(("if ", "range ")):
+            block = ("if", action[3:], [], []) if action.startswith("if ") else ("range", action[6:], [])
+            node.append(block)
+            frames.append([node, block])
+            node = block[2]
+        elif action.startswith("else if "):  # an if in the else list, closed by the same end
+            block = ("if", action[8:], [], [])
+            frames[-1][1][3].append(block)
+            frames[-1][1] = block
+            node = block[2]
+        elif action == "else":
+            node = frames[-1][1][3]
         elif action == "end":
-            active.pop()
+            node = frames.pop()[0]
         elif action.startswith('"'):  # a string literal, how a literal "{{" is written
-            out.append(json.loads(action) if all(active) else "")
+            node.append(("text", json.loads(action)))
         elif action.startswith("."):
-            if action == ".Response" and cut_at_response:
-                return "".join(out)  # Ollama drops the rest for the exchange being answered
-            out.append(values[action[1:]] if all(active) else "")
+            node.append(("field", action[1:]))
         else:
             raise ValueError(f"not in the subset: {action}")
-    return "".join(out) + (text[pos:] if all(active) else "")
+    node.append(("text", text[pos:]))
+    assert not frames, "an action is not closed"
+    return root
+
+
+def go_cond(cond: str, dot: dict) -> bool:
+    if cond.startswith("eq "):
+        field, literal = cond[3:].split(" ", 1)
+        return dot[field[1:]] == json.loads(literal)
+    return bool(dot.get(cond[1:]))
+
+
+class CutAtResponse(Exception):
+    pass
+
+
+def go_run(nodes, dot: dict, out: list, cut_at_response: bool):
+    for node in nodes:
+        if node[0] == "text":
+            out.append(node[1])
+        elif node[0] == "field":
+            if node[1] == "Response" and cut_at_response:
+                raise CutAtResponse  # Ollama drops the rest for the exchange being answered
+            out.append(dot[node[1]])
+        elif node[0] == "if":
+            go_run(node[2] if go_cond(node[1], dot) else node[3], dot, out, cut_at_response)
+        else:  # range
+            for item in dot[node[1][1:]]:
+                go_run(node[2], item, out, cut_at_response)
+
+
+def go_execute(text: str, values: dict, cut_at_response: bool) -> str:
+    out = []
+    try:
+        go_run(go_parse(text), values, out, cut_at_response)
+    except CutAtResponse:
+        pass
+    return "".join(out)
 
 
 def ollama_prompt(template: str, turns: list, system: str = "") -> str:
-    """Ollama's rendering of a template without .Messages: one pass per (prompt, response) exchange, the system
-    prompt in the first, the last exchange cut at {{ .Response }}."""
-    return "".join(go_execute(template, {"System": system if n == 0 else "", "Prompt": p, "Response": r},
-                              cut_at_response=n == len(turns) - 1) for n, (p, r) in enumerate(turns))
+    """Ollama's older rendering (a template without .Messages, or the else branch of one with it): one pass per
+    (prompt, response) exchange, the system prompt in the first, the last exchange cut at {{ .Response }}."""
+    return "".join(go_execute(template, {"System": system if n == 0 else "", "Prompt": p, "Response": r,
+                                         "Messages": []}, cut_at_response=n == len(turns) - 1)
+                   for n, (p, r) in enumerate(turns))
+
+
+def ollama_chat_prompt(template: str, messages: list) -> str:
+    """Ollama's rendering of a template that names .Messages: once, with the system messages joined into .System
+    and the messages (system ones included, consecutive same-role ones merged) in .Messages."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    merged = []
+    for m in messages:
+        if merged and merged[-1]["Role"] == m["role"]:
+            merged[-1]["Content"] += "\n\n" + m["content"]
+        else:
+            merged.append({"Role": m["role"], "Content": m["content"]})
+    return go_execute(template, {"System": system, "Messages": merged, "Response": ""}, cut_at_response=False)
 
 
 def tokenizer(folder=TINY):
@@ -165,6 +226,30 @@ def test_modelfile_chat_prompt_is_infer_prompt_with_system_and_history(name):
     assert tok.bos_token + rendered == want if want.startswith(tok.bos_token) else rendered == want
     if name == "llama-3.1-chat":
         assert tok(rendered)["input_ids"] == ids
+    # What Ollama runs for a template naming .Messages: the whole conversation in one pass, the same prompt.
+    assert ollama_chat_prompt(parsed["template"], history + [{"role": "user", "content": "비밀번호 알려줘"}]) == rendered
+
+
+@needs_fixture
+@pytest.mark.parametrize("system", ["", "한국어로 답하세요."])
+def test_modelfile_of_instruct_own_template_opens_the_conversation_once(system, tmp_path):
+    """Llama 3.1 Instruct's own template writes a system block (its knowledge dates) even without a system prompt.
+    Rendered one exchange at a time, as Ollama does for a template without .Messages, that block came again
+    before every turn; rendered from .Messages, a three-turn chat is the template's own rendering."""
+    from test_chat_template import fixture_dir
+
+    tok = tokenizer(str(fixture_dir("instruct-meta", tmp_path / "instruct")))
+    template, _ = prompts.for_data(prompts.OWN, "chat", tok, answers_only=False)
+    body = modelfile.read_modelfile(modelfile.build("m.gguf", template, tok))["template"]
+    history = [{"role": "system", "content": system}] if system else []
+    for n in range(3):
+        history += [{"role": "user", "content": f"질문 {n}"}, {"role": "assistant", "content": f"답 {n}"}]
+    chat = history[:-1]  # ends with the user's turn: the prompt for the third answer
+    want = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    got = ollama_chat_prompt(body, chat)
+    assert tok.bos_token + got == want and got.count("Cutting Knowledge") == 1
+    turns = [(f"질문 {n}", f"답 {n}" if n < 2 else "") for n in range(3)]
+    assert ollama_prompt(body, turns, system).count("Cutting Knowledge") == 3  # the older way: why .Messages
 
 
 # --- end to end with llama.cpp ---
