@@ -6,7 +6,6 @@ infer.py and memory_report.py read it back through RunFolder.read(); train_unslo
 overwrite and resume rules), writes the record through RunFolder.save() and settles it with finish() / fail().
 """
 
-import fnmatch
 import json
 import logging
 import os
@@ -16,16 +15,10 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .ours import LOCK, foreign
 from .runrecord import RECORD, RunRecord, damaged
 
 log = logging.getLogger("sftkit")
-
-LOCK = ".lock"
-# What train_unsloth.py (and the trainer, and the exports) write into a run folder; anything else is the user's.
-OURS = ("run.json", "metrics.jsonl", "samples.jsonl", "adapter_model.safetensors", "adapter_config.json",
-        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-        "generation_config.json", "training_args.bin", "README.md", "Modelfile", "checkpoint-*", "merged-*",
-        "gguf", "runs", "hub-upload", "report.png", LOCK, ".run.*.json")
 
 
 def step_of(checkpoint: Path) -> int:
@@ -102,8 +95,8 @@ class RunFolder:
         return good
 
     def foreign(self) -> list[str]:
-        """Entries of the folder that sftkit did not write (the user's own files)."""
-        return sorted(p.name for p in self.path.iterdir() if not any(fnmatch.fnmatch(p.name, pat) for pat in OURS))
+        """What in the folder sftkit did not write (the user's own files), inside its subfolders too."""
+        return foreign(self.path)
 
     # -- claiming ---------------------------------------------------------------------------------------------
     def claim(self, overwrite: bool, resume: bool, max_steps: int = -1):

@@ -71,6 +71,32 @@ def test_overwrite_refuses_a_folder_holding_the_users_own_files(tmp_path):
     assert RunFolder(path).claim(overwrite=True, resume=False) is None  # only what sftkit wrote: allowed
 
 
+def test_overwrite_refuses_the_users_files_inside_the_folders_sftkit_writes(tmp_path):
+    """A note in checkpoint-N/, a second GGUF in merged-16bit/, an extra file in gguf/ and a Modelfile edited after
+    the run finished are named, and nothing is deleted; the files the trainer and the exports write pass."""
+    import os
+
+    path = finished_run(tmp_path / "run")
+    ckpt = checkpoint(path, 2)
+    (path / "merged-16bit").mkdir()
+    (path / "gguf").mkdir()
+    for name in ("merged-16bit/model.safetensors", "merged-16bit/config.json", "merged-16bit/chat_template.jinja",
+                 "gguf/model-q4_k_m.gguf", "gguf/Modelfile", "checkpoint-2/rng_state.pth"):
+        (path / name).write_text("sftkit's")
+    record = (path / "run.json").stat().st_mtime
+    os.utime(path / "gguf" / "Modelfile", (record, record))  # written before run.json's last save
+    assert RunFolder(path).foreign() == []
+    mine = ["checkpoint-2/mynote.txt", "gguf/Modelfile.custom", "merged-16bit/my-other.gguf"]
+    for name in mine:
+        (path / name).write_text("mine")
+    os.utime(path / "gguf" / "Modelfile", (record + 60, record + 60))  # edited a minute after the run
+    with pytest.raises(UserError) as err:
+        RunFolder(path).claim(overwrite=True, resume=False)
+    assert all(name in str(err.value) for name in mine) and "gguf/Modelfile (changed after the run finished)" in str(
+        err.value)
+    assert all((path / name).read_text() == "mine" for name in mine) and ckpt.is_dir() and not (path / LOCK).exists()
+
+
 def test_a_half_written_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path, caplog):
     path = finished_run(tmp_path / "run", status="interrupted")
     good = checkpoint(path, 2)
