@@ -14,6 +14,7 @@ from .errors import UserError
 
 log = logging.getLogger("sftkit")
 ROW = "_row"  # the input line's position, our own key so a user column named "index" cannot clash
+WRITTEN = (ROW, "answer", "stopped", "settings", "base_answer")  # the keys infer.py adds to each answer line
 
 
 def read_prompts(input_file: str) -> list:
@@ -36,6 +37,11 @@ def read_prompts(input_file: str) -> list:
         if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
                             f"{need}.")
+        taken = [k for k in WRITTEN if k in row]
+        if taken:  # the answer line would replace the user's value (a reference answer, say) without a word
+            raise UserError(f"{input_file} line {n} has {', '.join(repr(k) for k in taken)}, which infer.py writes "
+                            f"into each answer line: rename {'it' if len(taken) == 1 else 'them'} in the input "
+                            f"(e.g. 'reference_{taken[0].lstrip('_')}') so that both are kept.")
         for key in ("input", "system"):  # rendered into the prompt: a number or list there is a wrong column
             if row.get(key) is not None and not isinstance(row[key], str):
                 raise UserError(f"{input_file} line {n}: {key!r} holds {kind(row[key])}, not text. Write it as one "

@@ -45,6 +45,20 @@ def test_batch_file_rows_are_checked_with_their_line_numbers(tmp_path):
         read_prompts(str(blank))
 
 
+def test_batch_keys_infer_py_writes_are_refused_not_overwritten(tmp_path):
+    """An eval file's own "answer" (a reference answer), "settings", "stopped" or "_row" would be replaced by the
+    answer line's: refused before the model loads, naming the line and a new name that keeps both."""
+    for row, named in (({"instruction": "q", "answer": "GOLD"}, "'answer'"),
+                       ({"instruction": "q", "_row": 7, "stopped": "x"}, "'_row', 'stopped'"),
+                       ({"instruction": "q", "settings": "mine"}, "'settings'")):
+        path = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "fine", "reference": "kept"}, row])
+        with pytest.raises(UserError, match=f"line 2 has {named}, which infer.py writes into each answer line: "
+                                            "rename"):
+            read_prompts(path)
+        with open(path, encoding="utf-8") as f:
+            assert json.loads(f.readlines()[1]) == row  # the input is read, never rewritten
+
+
 def test_infer_checks_the_batch_file_before_loading_the_model(tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"prompt": "hi"}\n', encoding="utf-8")
