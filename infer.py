@@ -18,7 +18,7 @@ from sftkit.cli import run_cli
 from sftkit.errors import UserError
 from sftkit.batchfile import answered, batch_settings, check_output_path, read_prompts, run_batch
 from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator
-from sftkit import prompts
+from sftkit import checks, prompts
 from sftkit.runfolder import RunFolder
 
 log = logging.getLogger("sftkit")
@@ -86,6 +86,10 @@ def infer(
     if do_sample and not (temperature > 0 and 0 < top_p <= 1 and top_k >= 0):
         raise UserError(f"--do_sample needs --temperature > 0, 0 < --top_p <= 1 and --top_k >= 0 (got {temperature}, "
                         f"{top_p}, {top_k}); for the likeliest answer every time, drop --do_sample.")
+    if not repetition_penalty > 0:  # transformers refuses it only after the model has loaded
+        raise UserError(f"--repetition_penalty must be above 0 (1.0: none; above 1 discourages repeats), got "
+                        f"{repetition_penalty!r}.")
+    checks.seed(seed)
     if input_file and not output_file:
         raise UserError("--input_file needs --output_file answers.jsonl (answers are appended there).")
     if compare_base and not adapter:

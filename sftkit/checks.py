@@ -32,9 +32,16 @@ def numbers(a: dict):
                         "by lora_alpha / r, so 0 would train an adapter that changes nothing (the notebook: 16).")
     if not 0 <= a["lora_dropout"] < 1:
         raise UserError(f"--lora_dropout must be in [0, 1), got {a['lora_dropout']!r} (0 is fastest on Unsloth).")
+    seed(a["seed"])
     v = a["val_size"]
     if v < 0 or (v >= 1 and v != int(v)):
         raise UserError(f"--val_size {v!r}: give a fraction between 0 and 1 (0.05) or a whole count of rows (200).")
+
+
+def seed(value):
+    """A seed every library takes (numpy's range), checked before anything loads."""
+    if not 0 <= int(value) < 2**32:
+        raise UserError(f"--seed must be a whole number from 0 to {2**32 - 1}, got {value!r}.")
 
 
 def report_to(value) -> list:

@@ -168,3 +168,24 @@ def test_a_batch_with_a_template_file_resumes(tmp_path):
     before = dst.read_bytes()
     infer(model_name=TINY, prompt=template, input_file=src, output_file=str(dst), max_new_tokens=2)
     assert dst.read_bytes() == before  # nothing to do: both rows answered with these settings
+
+
+def test_seed_and_repetition_penalty_out_of_range_are_refused_before_anything_loads(tmp_path):
+    """transformers refused them only after the model (and, in training, the data) had loaded, and training blamed
+    the data or the template for a bad --seed."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    for script, args, said in (
+            ("infer.py", ["--adapter", "nowhere", "--instruction", "hi", "--repetition_penalty", "0"],
+             "--repetition_penalty must be above 0"),
+            ("infer.py", ["--adapter", "nowhere", "--instruction", "hi", "--seed", "-1"],
+             "--seed must be a whole number from 0 to 4294967295, got -1"),
+            ("train_unsloth.py", ["--model_name", "nowhere/x/y", "--dataset", "none.jsonl", "--seed", "-1",
+                                  "--output_dir", str(tmp_path / "run")],
+             "--seed must be a whole number from 0 to 4294967295, got -1")):
+        done = subprocess.run([sys.executable, str(root / script), *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+        assert done.returncode != 0 and said in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "run").exists()  # refused before the run folder was claimed
