@@ -125,3 +125,15 @@ def unsloth_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("gpu")
     return train(**quick_args(tmp, backend="unsloth", max_steps=20, max_samples=32, learning_rate=2e-2))
+
+
+def checkpoint_part(path: Path):
+    """One file of a checkpoint, as complete as the trainer leaves it: safetensors weights whose header and size
+    agree (RunFolder checks them), JSON or bytes for the rest."""
+    if path.suffix == ".safetensors":
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(4)}, str(path))
+    else:
+        path.write_text("{}")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, TINY, metrics, quick_args, write_jsonl
+from conftest import SAMPLE, TINY, checkpoint_part, metrics, quick_args, write_jsonl
 from sftkit.runfolder import RECORD, RunFolder, RunRecord
 from sftkit.errors import UserError
 from train_unsloth import train
@@ -78,7 +78,7 @@ def test_a_failure_after_a_checkpoint_keeps_both_runs(tmp_path):
     ckpt = path / "checkpoint-2"
     ckpt.mkdir()
     for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-        (ckpt / name).write_text("{}")
+        checkpoint_part(ckpt / name)
     assert folder.fail(record, RuntimeError("boom")) == "kept"
     assert ckpt.is_dir() and (old / RECORD).is_file()
     resumed, again = RunRecord(status="finished"), RunFolder(path)  # as --resume: a new record, the same folder

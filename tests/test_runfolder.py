@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from conftest import checkpoint_part
 from sftkit import recorded
 from sftkit.errors import UserError
 from sftkit.runfolder import LOCK, RunFolder
@@ -25,7 +26,7 @@ def checkpoint(path, step, parts=("trainer_state.json", "adapter_model.safetenso
     ckpt = path / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
     for name in parts:
-        (ckpt / name).write_text("{}")
+        checkpoint_part(ckpt / name)
     return ckpt
 
 
@@ -104,12 +105,15 @@ def test_a_half_written_checkpoint_is_skipped_for_the_newest_complete_one(tmp_pa
     cut = checkpoint(path, 6)
     (cut / "trainer_state.json").write_text('{"global_st')  # disk full mid-write
     checkpoint(path, 8, parts=("trainer_state.json", "adapter_model.safetensors"))  # no optimizer state
+    torn = checkpoint(path, 10) / "adapter_model.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-8])  # weights cut short: --resume used to die in safetensors
     with caplog.at_level("INFO", logger="sftkit"):
-        assert RunFolder(path).claim(overwrite=False, resume=True, max_steps=10) == good
+        assert RunFolder(path).claim(overwrite=False, resume=True, max_steps=12) == good
     said = caplog.text
     assert "skipping checkpoint-4: no trainer_state.json" in said
     assert "skipping checkpoint-6: trainer_state.json is cut off" in said
     assert "skipping checkpoint-8: no optimizer state" in said
+    assert "skipping checkpoint-10: adapter_model.safetensors is cut off or damaged" in said
 
 
 def test_a_damaged_record_is_an_error_naming_the_file_never_the_defaults(tmp_path):

@@ -6,7 +6,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import TINY
+from conftest import TINY, checkpoint_part
 from sftkit import prompts, trainer
 from sftkit.backend import Choice
 from sftkit.errors import UserError
@@ -102,7 +102,7 @@ def test_out_of_memory_advice_fits_what_is_left(tmp_path, settled, has_ckpt, fas
         ckpt = tmp_path / "checkpoint-2"
         ckpt.mkdir()
         for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-            (ckpt / name).write_text("{}")
+            checkpoint_part(ckpt / name)
     advice = trainer.oom_advice(str(tmp_path), settled, fast, 8, False)
     assert re.search(expect, advice), advice
     assert "memory_report.py estimate" in advice
