@@ -4,11 +4,12 @@ run.json; what it gave must match the record unless that setting may change. --r
 
 import functools
 import inspect
+import json
 from pathlib import Path
 
 from .cli import names
 from .errors import UserError
-from .runfolder import RunFolder
+from .runfolder import RunFolder, readable_weights
 from .runrecord import default_name
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway).
@@ -97,6 +98,22 @@ def resume_args(output_dir: str, given: dict, known: set) -> dict:
     return merged
 
 
+def check_adapter_files(run: Path):
+    """The adapter's files read as what they are, before the base model loads (a copy cut short, an edit gone
+    wrong): peft and safetensors would fail on them with a traceback after the load."""
+    fix = (f"Put back a good copy of it (e.g. from the Hub upload), or train again with train_unsloth.py --overwrite "
+           f"--output_dir {run}")
+    try:
+        config = json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{run / 'adapter_config.json'} is damaged ({type(err).__name__}: {err}). {fix}.") from err
+    if not isinstance(config, dict):
+        raise UserError(f"{run / 'adapter_config.json'} is damaged (not a JSON object). {fix}.")
+    weights = run / "adapter_model.safetensors"
+    if weights.is_file() and not readable_weights(weights):
+        raise UserError(f"{weights} is cut off or damaged (its header or size is wrong). {fix}.")
+
+
 def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     """infer.py --adapter: the base model, template name, context length and 4-bit setting the run trained with,
     with the given ones merged by the same rule. Returns (settings, record)."""
@@ -119,6 +136,7 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
                             f"train_unsloth.py --overwrite --output_dir {adapter}")
         raise UserError(f"{lost}: its run ended ({rec.status}) before saving the adapter. Continue it with "
                         f"train_unsloth.py --resume --output_dir {adapter}")
+    check_adapter_files(folder.path)
     base = rec.model_path or rec.args.get("model_name")
     if not given.get("model_name") and base and Path(base).is_absolute() and not Path(base).exists():
         raise UserError(f"the base model this run trained on, {base} (run.json's model_path), is not there any more: "

@@ -90,6 +90,20 @@ def test_infer_paths_that_cannot_work_are_refused_before_loading(tmp_path, tiny_
             infer(adapter=str(bare), instruction="안녕")
 
 
+def test_damaged_adapter_files_are_named_before_the_model_loads(tiny_run, tmp_path):
+    """A cut-off adapter_model.safetensors or a broken adapter_config.json (a copy cut short, an edit gone wrong)
+    is named with the fix, before the base model loads; peft and safetensors failed with tracebacks after it."""
+    from infer import infer
+
+    for name, damage, said in (("adapter_config.json", lambda b: b"{bad", "adapter_config.json is damaged"),
+                               ("adapter_model.safetensors", lambda b: b[:len(b) // 2], "cut off or damaged")):
+        run = tmp_path / name
+        shutil.copytree(tiny_run, run)
+        (run / name).write_bytes(damage((run / name).read_bytes()))
+        with pytest.raises(UserError, match=f"{said}.*--overwrite --output_dir {run}"):
+            infer(adapter=str(run), instruction="안녕")
+
+
 def test_chat_with_stdin_closed_says_so(tiny_run):
     done = script("infer.py", "--adapter", tiny_run, "--chat", stdin=subprocess.DEVNULL)
     assert done.returncode == 0  # EOF at once: a clean end, no traceback
