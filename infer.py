@@ -80,6 +80,11 @@ def infer(
     """
     if not (instruction.strip() or chat or input_file):
         raise UserError("say what to answer: --instruction '...', --chat, or --input_file prompts.jsonl.")
+    modes = [m for m, on in (("--instruction", instruction.strip()), ("--chat", chat), ("--input_file", input_file))
+             if on]
+    if len(modes) > 1:  # one would be ignored without a word
+        raise UserError(f"{' and '.join(modes)} are different ways to prompt (one prompt, a conversation, a file of "
+                        "prompts): pass one of them.")
     for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
         if int(value) < 1:
             raise UserError(f"--{name} must be a positive whole number, got {value!r}.")

@@ -123,6 +123,11 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
                         "--model_name <Hub id or folder> with --prompt <template> for a base model.")
     if merge_adapter and not adapter:  # before the (slow) model load
         raise UserError(MERGE_NEEDS_ADAPTER)
+    window, new = max_seq_length or 2048, gen.get("max_new_tokens", 128)
+    if new >= window:  # no prompt could fit beside the answer: said now, not per prompt after the load
+        raise UserError(f"--max_new_tokens {new} fills the whole context window of {window} tokens, leaving no room "
+                        f"for the prompt: pass a smaller --max_new_tokens (e.g. {min(512, window // 2)}), or a "
+                        "larger --max_seq_length.")
     if template is not None:  # before the (slow) model load
         check_fields(template, rows)
         prompts.check_system(template, system)

@@ -104,6 +104,24 @@ def test_damaged_adapter_files_are_named_before_the_model_loads(tiny_run, tmp_pa
             infer(adapter=str(run), instruction="안녕")
 
 
+def test_two_prompt_modes_or_an_answer_longer_than_the_window_are_refused(tiny_run, tmp_path, monkeypatch):
+    """--instruction with --chat or --input_file was ignored without a word; a --max_new_tokens past the context
+    window blamed each prompt with a negative token count, after the model had loaded."""
+    from infer import infer
+    from sftkit import generate
+
+    src = write_jsonl(tmp_path / "q.jsonl", [{"instruction": "안녕"}])
+    with pytest.raises(UserError, match="--instruction and --chat are different ways to prompt"):
+        infer(adapter=tiny_run, instruction="안녕", chat=True)
+    with pytest.raises(UserError, match="--instruction and --input_file are different ways to prompt"):
+        infer(adapter=tiny_run, instruction="안녕", input_file=src, output_file=str(tmp_path / "a.jsonl"))
+    monkeypatch.setattr(generate, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
+    window = json.loads((Path(tiny_run) / "run.json").read_text())["args"]["max_seq_length"]
+    with pytest.raises(UserError, match=f"--max_new_tokens 100000000 fills the whole context window of {window} "
+                                        "tokens, leaving no room for the prompt"):
+        infer(adapter=tiny_run, instruction="안녕", max_new_tokens=100_000_000)
+
+
 def test_chat_with_stdin_closed_says_so(tiny_run):
     done = script("infer.py", "--adapter", tiny_run, "--chat", stdin=subprocess.DEVNULL)
     assert done.returncode == 0  # EOF at once: a clean end, no traceback
