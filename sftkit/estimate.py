@@ -137,6 +137,9 @@ def logits_gib(cfg: dict, seq: int, batch: int) -> float:
     return seq * batch * cfg["vocab_size"] * LOGIT_BYTES / GIB
 
 
+MAX_GPU_GB = 300  # above the largest single GPU (B300: 288 GB)
+
+
 def gpu_capacity(gpu) -> float:
     """GiB of a GPU by name (t4, l4, a100-40, a100-80, h100) or a number of GiB."""
     try:
@@ -150,6 +153,9 @@ def gpu_capacity(gpu) -> float:
     if value <= 0:
         raise UserError(f"--gpu {gpu!r} must be a positive number of GB (e.g. --gpu 24) or a name: "
                         f"{', '.join(GPUS)}.")
+    if value > MAX_GPU_GB:  # a model number (3090, 4090) read as gigabytes
+        raise UserError(f"--gpu {gpu!r} would be {value:g} GB, more than any one GPU has: pass its memory in GB "
+                        f"(an RTX 3090 or 4090: --gpu 24) or a name: {', '.join(GPUS)}.")
     return value
 
 

@@ -167,6 +167,8 @@ def test_estimate_fit_and_gpu_names(capsys):
         mr.estimate(gpu="v100")
     with pytest.raises(UserError, match="positive"):
         est.gpu_capacity(0)
+    with pytest.raises(UserError, match="3090 GB, more than any one GPU has.*--gpu 24"):  # a model number
+        mr.estimate(gpu=3090)
 
 
 def test_estimate_bad_inputs():
