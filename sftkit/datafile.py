@@ -289,12 +289,18 @@ def csv_rows(path: Path):
 
 
 def convert_main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: python -m sftkit.datafile FILE.json > FILE.jsonl  (a .json of columns, written as rows)\n"
-              "       python -m sftkit.datafile FILE.csv > FILE.jsonl   (a .csv split by commas, tabs or semicolons)",
-              file=sys.stderr)
+    usage = ("usage: python -m sftkit.datafile FILE.json > FILE.jsonl  (a .json of columns, written as rows)\n"
+             "       python -m sftkit.datafile FILE.csv > FILE.jsonl   (a .csv split by commas, tabs or semicolons)")
+    if argv in (["-h"], ["--help"]):
+        print(usage)
+        return 0
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(f"{'unknown ' + repr(' '.join(argv)) + chr(10) if argv else ''}{usage}", file=sys.stderr)
         return 2
     path = Path(argv[0])
+    if not path.is_file():
+        print(f"error: {argv[0]!r} does not exist (a path is relative to the current folder).", file=sys.stderr)
+        return 1
     try:
         rows = csv_rows(path) if path.suffix.lower() == ".csv" else to_rows(json.loads(read_text(path)))
         for row in rows:

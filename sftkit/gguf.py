@@ -269,12 +269,29 @@ def _cut(ids: list, stops: set) -> list:
     return ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
 
 
+USAGE = ("usage: python -m sftkit.gguf fetch [--sdist llama_cpp_python-VERSION.tar.gz]\n"
+         "  unpacks llama.cpp's GGUF converter (the version of the installed llama-cpp-python) into the cache")
+
+
 def child_main(argv: list):
-    cmd = argv[0] if argv else ""
-    if cmd == "fetch":  # kept when already unpacked; --sdist FILE unpacks that file again
-        print(fetch_converter(sdist=argv[argv.index("--sdist") + 1]) if "--sdist" in argv else converter_dir())
-    else:
-        sys.exit("usage: python -m sftkit.gguf fetch [--sdist llama_cpp_python-VERSION.tar.gz]")
+    if argv in (["-h"], ["--help"]):
+        print(USAGE)
+        return
+    if not argv or argv[0] != "fetch" or [a for a in argv[1:] if a.startswith("-") and a != "--sdist"]:
+        sys.exit(f"{'unknown ' + repr(' '.join(argv)) + chr(10) if argv else ''}{USAGE}")
+    if "--sdist" not in argv:  # kept when already unpacked
+        print(converter_dir())
+        return
+    at = argv.index("--sdist") + 1
+    sdist = argv[at] if at < len(argv) else ""
+    if not Path(sdist).is_file():
+        raise UserError(f"--sdist needs the llama-cpp-python source file, e.g. --sdist llama_cpp_python-0.3.16.tar.gz "
+                        f"({'no value given' if not sdist else repr(sdist) + ' is not a file'}).")
+    try:
+        print(fetch_converter(sdist=sdist))
+    except tarfile.TarError as err:
+        raise UserError(f"{sdist} is not a .tar.gz source distribution ({str(err).splitlines()[0]}): download "
+                        "it with pip download --no-binary :all: --no-deps llama-cpp-python==VERSION.") from err
 
 
 if __name__ == "__main__":

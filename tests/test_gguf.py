@@ -170,6 +170,21 @@ def test_missing_tools_name_the_install_command(monkeypatch, tmp_path):
         gguf.converter_dir(fetch=False)
 
 
+def test_the_fetch_command_names_a_bad_sdist_and_answers_help(tmp_path, capsys):
+    gguf.child_main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m sftkit.gguf fetch")
+    for argv, said in ((["fetch", "--sdist"], "no value given"), (["fetch", "--sdist", "nofile.tar.gz"],
+                       "'nofile.tar.gz' is not a file")):
+        with pytest.raises(UserError, match=f"--sdist needs the llama-cpp-python source file.*{said}"):
+            gguf.child_main(argv)
+    not_tar = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    not_tar.write_text("not a tarball")
+    with pytest.raises(UserError, match="is not a .tar.gz source distribution.*pip download"):
+        gguf.child_main(["fetch", "--sdist", str(not_tar)])
+    with pytest.raises(SystemExit, match="unknown 'check'"):
+        gguf.child_main(["check"])
+
+
 def test_fetch_unpacks_only_the_converter(monkeypatch, tmp_path):
     src = tmp_path / "llama_cpp_python-9.9.9" / "vendor" / "llama.cpp"
     for name in ("convert_hf_to_gguf.py", "conversion/__init__.py", "gguf-py/gguf/__init__.py", "ggml/src/big.c",

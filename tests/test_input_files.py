@@ -125,6 +125,13 @@ def test_a_csv_split_by_tabs_or_semicolons_is_refused_with_a_converter_that_work
         {"instruction, in short": "둘째", "input": "x", "output": "네"}]
 
 
+def test_the_converter_answers_help_and_names_a_missing_file(tmp_path, capsys):
+    assert datafile.convert_main(["--help"]) == 0 and "usage: python -m sftkit.datafile" in capsys.readouterr().out
+    assert datafile.convert_main([str(tmp_path / "nope.csv")]) == 1
+    assert "'%s' does not exist" % (tmp_path / "nope.csv") in capsys.readouterr().err
+    assert datafile.convert_main(["--bogus", "1"]) == 2 and "unknown '--bogus 1'" in capsys.readouterr().err
+
+
 def test_a_csv_that_fails_to_parse_says_why(tmp_path):
     path = tmp_path / "ragged.csv"
     path.write_text("instruction,output\na,b\nc,d,e\n", encoding="utf-8")
