@@ -66,3 +66,18 @@ def run_mean_loss(log_history) -> float | None:
         if "loss" in h and h.get("step", 0) > prev:
             total, steps, prev = total + h["loss"] * (h["step"] - prev), steps + h["step"] - prev, h["step"]
     return round(total / steps, 4) if steps else None
+
+
+def session_rates(trainer, record, metrics: dict) -> dict:
+    """Steps and samples per second of the steps this session trained. transformers divides max_steps by the
+    runtime, so a run stopped at step 8 of 200 read 23.7 steps/s for 0.95, and a resumed one counted the steps
+    before its checkpoint too."""
+    runtime = metrics.get("train_runtime")
+    start = int(Path(record.resumed_from).name.rsplit("-", 1)[-1]) if record.resumed_from else 0
+    done = trainer.state.global_step - start
+    if not runtime or done < 0:
+        return {}
+    a = trainer.args
+    per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * max(a.world_size, 1)
+    return {"train_steps_per_second": round(done / runtime, 3),
+            "train_samples_per_second": round(done * per_step / runtime, 3)}

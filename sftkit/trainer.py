@@ -13,7 +13,7 @@ from . import checks, data, fastplan, memory, prompts, samples
 from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names, without_warning
 from .errors import UserError
-from .metricslog import metrics_callback, run_mean_loss
+from .metricslog import metrics_callback, run_mean_loss, session_rates
 from .runfolder import RunFolder
 from .runrecord import RECORD, RunRecord, default_name
 
@@ -248,7 +248,8 @@ def finish(trainer, folder, record: RunRecord, result, meter) -> bool:
     record.finished = time.strftime("%Y-%m-%d %H:%M:%S")
     # transformers' train_loss divides this session's loss sum by all the run's steps: after --resume it reads low
     resumed = {"train_loss": run_mean_loss(state.log_history)} if record.resumed_from else {}
-    record.metrics = {**result.metrics, **resumed, "global_step": state.global_step,
+    record.metrics = {**result.metrics, **resumed, **session_rates(trainer, record, result.metrics),
+                      "global_step": state.global_step,
                       "final_loss": next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None),
                       "eval_loss": evals[-1] if evals else None}
     record.memory = figures

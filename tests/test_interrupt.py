@@ -29,6 +29,9 @@ def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
     rec = json.loads((out / "run.json").read_text())
     stopped = rec["metrics"]["global_step"]
     assert rec["status"] == "interrupted" and 5 <= stopped < 150
+    m = rec["metrics"]  # rates of the steps trained (transformers' count 150 steps however many ran)
+    assert m["train_steps_per_second"] == pytest.approx(stopped / m["train_runtime"], rel=0.01)
+    assert m["train_samples_per_second"] == pytest.approx(8 * stopped / m["train_runtime"], rel=0.01)
     assert (out / f"checkpoint-{stopped}").is_dir() and (out / "adapter_model.safetensors").is_file()
     assert "received" in stderr and f"stopped: {sig.name} at step {stopped}; the checkpoint is saved" in stderr
     assert "--resume" in stderr and "Traceback" not in stderr
@@ -40,6 +43,8 @@ def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 150
     assert rec["resumed_from"].endswith(f"checkpoint-{stopped}")
+    m = rec["metrics"]  # this session's steps: from the checkpoint to 150
+    assert m["train_steps_per_second"] == pytest.approx((150 - stopped) / m["train_runtime"], rel=0.01)
     steps = [m["step"] for m in metrics(out)]
     assert steps == list(range(1, 151))  # every step once: nothing lost, nothing repeated
     losses = [m["loss"] for m in metrics(out)]  # the whole run's mean (transformers' divides one session's sum)
