@@ -47,13 +47,19 @@ def now() -> dict:
 
 def finished_record(folder) -> RunRecord:
     """run.json of a run that got to the end (it has the memory figures), or a UserError saying how to finish it."""
-    record = RunFolder(folder).read()
+    run = RunFolder(folder)
+    record = run.read()
     if not isinstance(record.memory, dict):
         status = record.status
         why = f": {record.error}" if record.error else ""
+        # The advice train_unsloth.py would accept: --resume needs a complete checkpoint.
+        then = (f"`python train_unsloth.py --resume --output_dir {folder}`" if run.checkpoints(quiet=True) else
+                f"`python train_unsloth.py --overwrite --output_dir {folder}` (it saved no checkpoint to resume "
+                "from)")
+        how = (f"Wait for it to end; if it was killed, continue it with {then}" if status == "running" else
+               f"Continue it with {then}")
         raise UserError(f"run {str(folder)!r} did not finish (status {status!r}{why}), so run.json has no memory "
-                        f"figures yet. Resume it with `python train_unsloth.py --resume --output_dir {folder}` "
-                        "(or wait for it to end), then run this again.")
+                        f"figures yet. {how}, then run this again.")
     return record
 
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import memory_report as mr
-from conftest import ROOT, TINY, metrics
+from conftest import ROOT, TINY, checkpoint_part, metrics
 from sftkit import estimate as est
 from sftkit.errors import UserError
 
@@ -79,8 +79,20 @@ def test_errors_for_missing_or_incomplete_runs(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         mr.show(str(tmp_path / "nope"))
     (tmp_path / "run.json").write_text(json.dumps({"status": "running", "args": {}}))
-    with pytest.raises(UserError, match=r"did not finish.*--resume --output_dir"):
+    # The advice train_unsloth.py would accept: without a checkpoint --resume is refused, so --overwrite.
+    with pytest.raises(UserError, match=r"did not finish.*Wait for it to end; if it was killed.*--overwrite "
+                                        r"--output_dir .*saved no checkpoint"):
         mr.show(str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "aborted", "args": {}}))
+    with pytest.raises(UserError, match=r"status 'aborted'\).*Continue it with .*--overwrite"):
+        mr.show(str(tmp_path))
+    ckpt = tmp_path / "checkpoint-2"
+    ckpt.mkdir()
+    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
+        checkpoint_part(ckpt / name)
+    with pytest.raises(UserError, match=r"Continue it with `python train_unsloth.py --resume --output_dir"):
+        mr.show(str(tmp_path))
+    (tmp_path / "run.json").write_text(json.dumps({"status": "running", "args": {}}))
     with pytest.raises(UserError, match="did not finish"):
         mr.compare(str(tmp_path))
     with pytest.raises(UserError, match="no metrics.jsonl"):
