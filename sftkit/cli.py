@@ -67,6 +67,9 @@ def quiet_libraries():
 
     for name in ("torch.utils._pytree", "bitsandbytes", "datasets", "transformers.tokenization_utils_base"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # A resumed run's skipped batches made accelerate say this once per logged step (11-16 lines per resume);
+    # it is about metric gathering, which training does not use.
+    logging.getLogger("accelerate.accelerator").addFilter(lambda r: "had no length" not in r.getMessage())
     import datasets
     import transformers
 

@@ -42,6 +42,7 @@ def test_interrupt_saves_and_resume_finishes(tmp_path, sig):
     assert done.returncode == 0, done.stderr[-3000:]
     rec = json.loads((out / "run.json").read_text())
     assert rec["status"] == "finished" and rec["metrics"]["global_step"] == 150
+    assert "had no length" not in done.stderr  # accelerate's line per logged step after a resume: dropped
     assert rec["resumed_from"].endswith(f"checkpoint-{stopped}")
     m = rec["metrics"]  # this session's steps: from the checkpoint to 150
     assert m["train_steps_per_second"] == pytest.approx((150 - stopped) / m["train_runtime"], rel=0.01)
