@@ -19,7 +19,7 @@ from sftkit.errors import UserError
 from sftkit.batchfile import answered, batch_settings, check_output_path, read_prompts, run_batch
 from sftkit.generate import COMPARE_NEEDS_ADAPTER, MERGED_CANNOT_COMPARE, open_generator
 from sftkit import checks, prompts
-from sftkit.runfolder import RunFolder
+from sftkit.recorded import adapter_record
 
 log = logging.getLogger("sftkit")
 
@@ -53,7 +53,7 @@ def infer(
     """Generate answers with a trained adapter (or a base model).
 
     Args:
-      adapter: a run folder written by train_unsloth.py (holds run.json and the LoRA adapter).
+      adapter: a run folder written by train_unsloth.py, or one of its checkpoint-N folders (a killed run's too).
       model_name: base model (Hub id or folder); with --adapter it overrides the recorded base.
       prompt: template name from prompts/ for a plain --model_name (default alpaca_ko); a run uses its own.
       instruction: the question or task (one-prompt mode).
@@ -110,7 +110,7 @@ def infer(
     rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
     if input_file:  # and an output file that is not ours to append to, or was answered with other settings
         check_output_path(output_file)
-        template = (RunFolder(adapter).read().template if adapter else prompts.OWN if prompt == prompts.OWN
+        template = (adapter_record(adapter).template if adapter else prompts.OWN if prompt == prompts.OWN
                     else prompts.load(prompt or "alpaca_ko").name)  # the name the generator writes into each line
         answered(input_file, output_file, rows, batch_settings(adapter or model_name, template, merge_adapter, gen,
                                                                  system))

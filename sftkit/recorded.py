@@ -10,7 +10,7 @@ from pathlib import Path
 from .cli import names
 from .errors import UserError
 from .runfolder import RunFolder, readable_weights
-from .runrecord import default_name
+from .runrecord import RECORD, default_name
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway).
 RESUMABLE_CHANGES = {"max_steps", "num_train_epochs", "save_steps", "logging_steps", "report_to", "save_merged",
@@ -98,11 +98,11 @@ def resume_args(output_dir: str, given: dict, known: set) -> dict:
     return merged
 
 
-def check_adapter_files(run: Path):
+def check_adapter_files(run: Path, fix: str = ""):
     """The adapter's files read as what they are, before the base model loads (a copy cut short, an edit gone
     wrong): peft and safetensors would fail on them with a traceback after the load."""
-    fix = (f"Put back a good copy of it (e.g. from the Hub upload), or train again with train_unsloth.py --overwrite "
-           f"--output_dir {run}")
+    fix = fix or (f"Put back a good copy of it (e.g. from the Hub upload), or train again with train_unsloth.py "
+                  f"--overwrite --output_dir {run}")
     try:
         config = json.loads((run / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as err:
@@ -114,20 +114,43 @@ def check_adapter_files(run: Path):
         raise UserError(f"{weights} is cut off or damaged (its header or size is wrong). {fix}.")
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint-N of a run: served with its adapter and the run's record, to try it without resuming or
+    finishing the run."""
+    return path.name.startswith("checkpoint-") and (path.parent / RECORD).is_file() and not (path / RECORD).is_file()
+
+
+def adapter_record(adapter: str):
+    """The record of the run an --adapter (a run folder or one of its checkpoints) belongs to."""
+    path = Path(adapter)
+    return RunFolder(path.parent if is_checkpoint(path) else path).read()
+
+
 def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     """infer.py --adapter: the base model, template name, context length and 4-bit setting the run trained with,
     with the given ones merged by the same rule. Returns (settings, record)."""
-    folder = RunFolder(adapter)
+    path = Path(adapter)
+    checkpoint = is_checkpoint(path)
+    folder = RunFolder(path.parent if checkpoint else path)
     rec = folder.read()
-    if not (folder.path / "adapter_config.json").is_file() or not any(
-            (folder.path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin")):
+    has_adapter = (path / "adapter_config.json").is_file() and any(
+        (path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
+    newest = folder.checkpoints(quiet=True)
+    also = f" (or try its newest checkpoint: infer.py --adapter {newest[-1]})" if newest else ""
+    if checkpoint:
+        other = "another checkpoint-N of the run, or the run folder once it has finished"
+        if not has_adapter:
+            raise UserError(f"{adapter!r} is a checkpoint of {str(folder.path)!r} without adapter files (cut off by a "
+                            f"kill or a full disk): pass {other}.")
+        check_adapter_files(path, fix=f"Pass {other}")
+    elif not has_adapter:
         lost = f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors)"
         resumable = bool(folder.checkpoints(quiet=True))  # --resume needs one: without, only a new start is possible
         if rec.status == "running":
             then = (f"continue it with train_unsloth.py --resume --output_dir {adapter}" if resumable else
                     f"start it again with train_unsloth.py --overwrite --output_dir {adapter}")
             raise UserError(f"{lost}: its run is still training, or was killed. Wait for it to finish; if it was "
-                            f"killed, {then}")
+                            f"killed, {then}{also}")
         if rec.status == "finished":
             raise UserError(f"{lost}, though its run finished: the adapter files were moved or deleted. Put them "
                             f"back, or train again with train_unsloth.py --overwrite --output_dir {adapter}")
@@ -135,8 +158,9 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
             raise UserError(f"{lost}: its run ended ({rec.status}) before saving a checkpoint. Train again with "
                             f"train_unsloth.py --overwrite --output_dir {adapter}")
         raise UserError(f"{lost}: its run ended ({rec.status}) before saving the adapter. Continue it with "
-                        f"train_unsloth.py --resume --output_dir {adapter}")
-    check_adapter_files(folder.path)
+                        f"train_unsloth.py --resume --output_dir {adapter}{also}")
+    else:
+        check_adapter_files(folder.path)
     base = rec.model_path or rec.args.get("model_name")
     if not given.get("model_name") and base and Path(base).is_absolute() and not Path(base).exists():
         raise UserError(f"the base model this run trained on, {base} (run.json's model_path), is not there any more: "

@@ -122,6 +122,29 @@ def test_two_prompt_modes_or_an_answer_longer_than_the_window_are_refused(tiny_r
         infer(adapter=tiny_run, instruction="안녕", max_new_tokens=100_000_000)
 
 
+def test_a_checkpoint_of_a_killed_run_answers_with_the_runs_settings(tiny_run, tmp_path, capsys):
+    """A run killed mid-training has no adapter in its folder, only checkpoints: infer.py now serves one of them
+    with the run's record (template, base), and the run's own error points to it; a checkpoint cut off is named."""
+    from infer import infer
+
+    run = tmp_path / "killed"
+    shutil.copytree(tiny_run, run)
+    record = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**record, "status": "running"}))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (run / name).unlink()
+    ckpt = sorted(run.glob("checkpoint-*"))[-1]
+    with pytest.raises(UserError, match=f"or try its newest checkpoint: infer.py --adapter {ckpt}"):
+        infer(adapter=str(run), instruction="안녕")
+    infer(adapter=str(ckpt), instruction="안녕", max_new_tokens=4)
+    from_checkpoint = capsys.readouterr().out
+    infer(adapter=tiny_run, instruction="안녕", max_new_tokens=4)  # the finished run: its last checkpoint's weights
+    assert from_checkpoint.strip() and from_checkpoint == capsys.readouterr().out
+    (ckpt / "adapter_model.safetensors").unlink()
+    with pytest.raises(UserError, match="is a checkpoint of .* without adapter files.*another checkpoint-N"):
+        infer(adapter=str(ckpt), instruction="안녕")
+
+
 def test_chat_with_stdin_closed_says_so(tiny_run):
     done = script("infer.py", "--adapter", tiny_run, "--chat", stdin=subprocess.DEVNULL)
     assert done.returncode == 0  # EOF at once: a clean end, no traceback
