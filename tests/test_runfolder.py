@@ -18,7 +18,7 @@ from sftkit.runrecord import RECORD, SCHEMA, RunRecord
 def finished_run(path, **record):
     path.mkdir(parents=True, exist_ok=True)
     (path / RECORD).write_text(json.dumps({"status": "finished", "args": {"max_steps": 4}, **record}))
-    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    checkpoint_part(path / "adapter_model.safetensors")
     return path
 
 
@@ -159,13 +159,14 @@ def test_one_merge_rule_for_resume_and_infer(tmp_path):
 
 def test_lifecycle_restores_the_replaced_run_when_the_new_one_gains_nothing(tmp_path):
     path = finished_run(tmp_path / "run")
+    weights = (path / "adapter_model.safetensors").read_bytes()
     folder = RunFolder(path)
     folder.claim(overwrite=True, resume=False)
     folder.begin(RunRecord(args={"max_steps": 9}), fresh=True)
     assert (tmp_path / "run.replaced" / "adapter_model.safetensors").is_file()
     assert json.loads((path / RECORD).read_text())["status"] == "running"
     assert folder.fail(RunRecord(), KeyboardInterrupt()) == "restored"
-    assert (path / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert (path / "adapter_model.safetensors").read_bytes() == weights
     assert not (tmp_path / "run.replaced").exists() and not (path / LOCK).exists()
 
 
