@@ -107,7 +107,7 @@ def infer(
     gen = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "repetition_penalty": repetition_penalty}
     if do_sample:
         gen.update(temperature=temperature, top_p=top_p, top_k=top_k)
-    rows = read_prompts(input_file) if input_file else None  # a bad line fails now, not after the model loads
+    rows = read_prompts(input_file, compare_base) if input_file else None  # a bad line fails now, before the load
     if input_file:  # and an output file that is not ours to append to, or was answered with other settings
         check_output_path(output_file)
         template = (adapter_record(adapter).template if adapter else prompts.OWN if prompt == prompts.OWN

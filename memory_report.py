@@ -53,11 +53,11 @@ def finished_record(folder) -> RunRecord:
         status = record.status
         why = f": {record.error}" if record.error else ""
         # The advice train_unsloth.py would accept: --resume needs a complete checkpoint.
-        then = (f"`python train_unsloth.py --resume --output_dir {folder}`" if run.checkpoints(quiet=True) else
-                f"`python train_unsloth.py --overwrite --output_dir {folder}` (it saved no checkpoint to resume "
-                "from)")
-        how = (f"Wait for it to end; if it was killed, continue it with {then}" if status == "running" else
-               f"Continue it with {then}")
+        then = (f"continue it with `python train_unsloth.py --resume --output_dir {folder}`"
+                if run.checkpoints(quiet=True) else
+                f"start it again with `python train_unsloth.py --overwrite --output_dir {folder}` (it saved no "
+                "checkpoint to resume from)")
+        how = f"Wait for it to end; if it was killed, {then}" if status == "running" else then[0].upper() + then[1:]
         raise UserError(f"run {str(folder)!r} did not finish (status {status!r}{why}), so run.json has no memory "
                         f"figures yet. {how}, then run this again.")
     return record

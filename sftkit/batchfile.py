@@ -17,7 +17,7 @@ ROW = "_row"  # the input line's position, our own key so a user column named "i
 WRITTEN = (ROW, "answer", "stopped", "settings", "base_answer")  # the keys infer.py adds to each answer line
 
 
-def read_prompts(input_file: str) -> list:
+def read_prompts(input_file: str, compare_base: bool = False) -> list:
     """The rows of a JSONL prompt file, each checked here so that a bad line is named by its number (and is
     found before the model loads, when infer.py calls this first)."""
     src = Path(input_file)
@@ -37,7 +37,7 @@ def read_prompts(input_file: str) -> list:
         if not isinstance(row.get("instruction"), str) or not row["instruction"].strip():
             raise UserError(f"{input_file} line {n} has no non-empty text in 'instruction' (keys: {sorted(row)}): "
                             f"{need}.")
-        taken = [k for k in WRITTEN if k in row]
+        taken = [k for k in WRITTEN if k in row and (compare_base or k != "base_answer")]
         if taken:  # the answer line would replace the user's value (a reference answer, say) without a word
             raise UserError(f"{input_file} line {n} has {', '.join(repr(k) for k in taken)}, which infer.py writes "
                             f"into each answer line: rename {'it' if len(taken) == 1 else 'them'} in the input "

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import gguf, hubcard, modelfile, portable, prompts, stopping
+from . import gguf, hubcard, modelfile, ours, portable, prompts, stopping
 from .backend import save_merged
 from .errors import UserError
 
@@ -69,7 +69,8 @@ def save_gguf(merged_dir: str, run_dir: str, quants, template, tokenizer, max_se
     target = next((p for p, q in zip(paths, asked) if q not in gguf.CONVERTED), paths[0])
     info = modelfile.write(target, template, tokenizer, run_dir=run_dir, num_ctx=max_seq_length)
     log.info("GGUF ready. Ollama: %s ; then %s", info["create"], info["run"])
-    return {"files": paths, "modelfile": info["path"], "ollama": [info["create"], info["run"]]}
+    return {"files": paths, "modelfile": info["path"], "ollama": [info["create"], info["run"]],
+            "modelfile_sha256": ours.digest(Path(info["path"]))}  # --overwrite keeps a Modelfile edited since
 
 
 def push(source: str, repo_id: str, folder, record, api=None) -> str:

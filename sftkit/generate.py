@@ -12,7 +12,7 @@ from .backend import choose, for_inference, load_adapter, load_model
 from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
 from .batchfile import batch_settings
-from .recorded import inference_settings
+from .recorded import inference_settings, is_checkpoint
 
 log = logging.getLogger("sftkit")
 COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
@@ -112,7 +112,8 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
                                                         "max_seq_length": max_seq_length})
         model_name, max_seq_length = settings["model_name"], settings["max_seq_length"]
         template = prompts.from_text(record.template, record.template_text, record.template_kind == "chat",
-                                     source=str(Path(adapter) / "run.json"))
+                                     source=str((Path(adapter).parent if is_checkpoint(Path(adapter)) else
+                                                 Path(adapter)) / "run.json"))
         load_in_4bit = settings["load_in_4bit"]
     elif model_name and prompt == prompts.OWN:
         template = None  # the model's own chat template: known once its tokenizer has loaded

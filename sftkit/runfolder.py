@@ -46,7 +46,7 @@ def incomplete(checkpoint: Path) -> str:
 
 
 def readable_weights(path: Path) -> bool:
-    """Whether a safetensors file's header reads and its tensors fit in the file (its size, not the values)."""
+    """Whether a safetensors file's header reads and its tensors fill the file exactly (sizes, not values)."""
     try:
         with path.open("rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -57,7 +57,7 @@ def readable_weights(path: Path) -> bool:
         end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (AttributeError, KeyError, TypeError, IndexError):  # not a header of tensors
         return False
-    return 8 + size + end <= path.stat().st_size
+    return 8 + size + end == path.stat().st_size  # safetensors refuses bytes beyond them too
 
 
 class RunFolder:

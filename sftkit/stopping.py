@@ -66,8 +66,13 @@ def write_stop_ids(folder, tokenizer, template) -> list[int]:
     so that clients which take their stops from it (transformers' generate and pipeline, servers loading the
     folder) stop where infer.py does. A base model trained on a chat template ends its turns with <|eot_id|>, which
     the base's own config (128001 alone) does not list: without it, their answers ran on into invented turns."""
-    path = Path(folder) / "generation_config.json"
-    cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    path, model = Path(folder) / "generation_config.json", Path(folder) / "config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    else:  # transformers would derive these from config.json; a file holding eos alone would hide the rest
+        model_cfg = json.loads(model.read_text(encoding="utf-8")) if model.is_file() else {}
+        cfg = {k: model_cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+               if model_cfg.get(k) is not None}
     ids = stop_ids(tokenizer, template, SimpleNamespace(eos_token_id=cfg.get("eos_token_id")))
     if ids:
         cfg["eos_token_id"] = ids if len(ids) > 1 else ids[0]

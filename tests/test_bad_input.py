@@ -57,6 +57,10 @@ def test_batch_keys_infer_py_writes_are_refused_not_overwritten(tmp_path):
             read_prompts(path)
         with open(path, encoding="utf-8") as f:
             assert json.loads(f.readlines()[1]) == row  # the input is read, never rewritten
+    path = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "q", "base_answer": "mine"}])
+    assert read_prompts(path)[0]["base_answer"] == "mine"  # written only with --compare_base
+    with pytest.raises(UserError, match="line 1 has 'base_answer'"):
+        read_prompts(path, compare_base=True)
 
 
 def test_infer_checks_the_batch_file_before_loading_the_model(tmp_path):

@@ -84,13 +84,13 @@ def test_errors_for_missing_or_incomplete_runs(tmp_path):
                                         r"--output_dir .*saved no checkpoint"):
         mr.show(str(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps({"status": "aborted", "args": {}}))
-    with pytest.raises(UserError, match=r"status 'aborted'\).*Continue it with .*--overwrite"):
+    with pytest.raises(UserError, match=r"status 'aborted'\).*Start it again with .*--overwrite"):
         mr.show(str(tmp_path))
     ckpt = tmp_path / "checkpoint-2"
     ckpt.mkdir()
     for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
         checkpoint_part(ckpt / name)
-    with pytest.raises(UserError, match=r"Continue it with `python train_unsloth.py --resume --output_dir"):
+    with pytest.raises(UserError, match=r"\. Continue it with `python train_unsloth.py --resume --output_dir"):
         mr.show(str(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps({"status": "running", "args": {}}))
     with pytest.raises(UserError, match="did not finish"):

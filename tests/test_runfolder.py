@@ -73,29 +73,37 @@ def test_overwrite_refuses_a_folder_holding_the_users_own_files(tmp_path):
 
 
 def test_overwrite_refuses_the_users_files_inside_the_folders_sftkit_writes(tmp_path):
-    """A note in checkpoint-N/, a second GGUF in merged-16bit/, an extra file in gguf/ and a Modelfile edited after
-    the run finished are named, and nothing is deleted; the files the trainer and the exports write pass."""
-    import os
+    """A note in checkpoint-N/, a second GGUF in merged-16bit/, an extra file in gguf/, a Modelfile edited since the
+    export, a hand-made merged-manual/ and a Modelfile of one's own at the top are named, and nothing is deleted.
+    What the trainer and the exports write passes: other tokenizer families' files, the Hub's bookkeeping that
+    Unsloth's merge leaves in merged-16bit/."""
+    from sftkit.ours import digest
 
     path = finished_run(tmp_path / "run")
     ckpt = checkpoint(path, 2)
-    (path / "merged-16bit").mkdir()
-    (path / "gguf").mkdir()
     for name in ("merged-16bit/model.safetensors", "merged-16bit/config.json", "merged-16bit/chat_template.jinja",
-                 "gguf/model-q4_k_m.gguf", "gguf/Modelfile", "checkpoint-2/rng_state.pth"):
+                 "merged-16bit/.cache/huggingface/download/model.safetensors.index.json.metadata",
+                 "merged-16bit/.cache/huggingface/.gitignore", "gguf/model-q4_k_m.gguf", "gguf/Modelfile",
+                 "checkpoint-2/rng_state_1.pth", "checkpoint-2/scaler.pt", "tokenizer.model", "vocab.json",
+                 "merges.txt", "added_tokens.json", "runs/Nov29_host/events.out.tfevents.1.host"):
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
         (path / name).write_text("sftkit's")
-    record = (path / "run.json").stat().st_mtime
-    os.utime(path / "gguf" / "Modelfile", (record, record))  # written before run.json's last save
+    record = json.loads((path / RECORD).read_text())
+    record["exports"] = {"gguf": {"modelfile_sha256": digest(path / "gguf" / "Modelfile")}}
+    (path / RECORD).write_text(json.dumps(record))
     assert RunFolder(path).foreign() == []
-    mine = ["checkpoint-2/mynote.txt", "gguf/Modelfile.custom", "merged-16bit/my-other.gguf"]
-    for name in mine:
+    mine = ["checkpoint-2/mynote.txt", "gguf/Modelfile.custom", "merged-16bit/my-other.gguf", "Modelfile",
+            "merged-manual"]
+    (path / "merged-manual").mkdir()
+    for name in mine[:4]:
         (path / name).write_text("mine")
-    os.utime(path / "gguf" / "Modelfile", (record + 60, record + 60))  # edited a minute after the run
+    (path / "gguf" / "Modelfile").write_text("sftkit's\nPARAMETER num_ctx 8192\n")  # the user's edit
     with pytest.raises(UserError) as err:
         RunFolder(path).claim(overwrite=True, resume=False)
-    assert all(name in str(err.value) for name in mine) and "gguf/Modelfile (changed after the run finished)" in str(
-        err.value)
-    assert all((path / name).read_text() == "mine" for name in mine) and ckpt.is_dir() and not (path / LOCK).exists()
+    assert all(name in str(err.value) for name in mine), str(err.value)
+    assert "gguf/Modelfile (changed since the export wrote it)" in str(err.value)
+    assert all((path / name).read_text() == "mine" for name in mine[:4])
+    assert ckpt.is_dir() and not (path / LOCK).exists()
 
 
 def test_a_half_written_checkpoint_is_skipped_for_the_newest_complete_one(tmp_path, caplog):
