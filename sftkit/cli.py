@@ -127,11 +127,15 @@ def check_flags(fn, argv: list, positional_ok: bool = True) -> set:
                 name = name[2:]  # Fire's --noflag
             if name not in known:
                 close = difflib.get_close_matches(flag, list(known), n=1, cutoff=0.6)
-                hint = f"; did you mean --{close[0]}?" if close else f". Known flags: --{', --'.join(known)}."
+                hint = (f"; did you mean --{close[0]}?" if close else f". Known flags: --{', --'.join(known)}."
+                        if known else ": this command takes no flags, only its values.")
                 raise UserError(f"unknown flag --{flag}{hint} Nothing was run (--help lists every flag).")
             given.add(name)
             takes_value = not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--")
             if known[name].annotation is bool and takes_value and argv[i + 1].lower() not in TRUE | FALSE:
+                if not positional_ok:  # `--packing maybe`: name the switch, not the stray word
+                    raise UserError(f"--{name} is a switch: give it alone (on), as --{name} True / False, or "
+                                    f"--no{name}; {argv[i + 1]!r} is neither.")
                 takes_value = False  # `--chat prompts.txt` is a switch and a stray word, as Fire reads it
             if known[name].annotation is not bool and not has_value and not takes_value and name == flag:
                 raise UserError(f"--{name} needs a value (--{name} VALUE); Fire would have passed the text 'True'.")

@@ -47,6 +47,12 @@ def test_a_value_without_its_flag_is_refused(tmp_path):
     # Fire would quietly take the stray word as the first argument (--adapter).
     assert done.returncode == 2 and "'안녕하세요' has no flag in front of it" in done.stderr
     assert "Traceback" not in done.stderr
+    switch = script("train_unsloth.py", "--packing", "maybe", cwd=tmp_path)  # a switch given a word: the switch
+    assert switch.returncode == 2 and "--packing is a switch" in switch.stderr and "'maybe' is neither" in \
+        switch.stderr
+    varargs = script("memory_report.py", "compare", "--format", "csv", cwd=tmp_path)  # takes run folders only
+    assert varargs.returncode == 2 and "this command takes no flags, only its values" in varargs.stderr
+    assert "Known flags: --." not in varargs.stderr
 
 
 def test_output_folders_that_cannot_work_are_one_line_errors(tmp_path):
