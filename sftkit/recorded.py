@@ -7,9 +7,10 @@ import inspect
 import json
 from pathlib import Path
 
+from .checkpoints import readable_weights
 from .cli import names
 from .errors import UserError
-from .runfolder import RunFolder, readable_weights
+from .runfolder import RunFolder
 from .runrecord import RECORD, default_name
 
 # Arguments a resumed run may change (the micro-batch split of --fast is re-planned anyway).

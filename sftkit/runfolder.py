@@ -15,49 +15,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .checkpoints import incomplete, step_of
 from .ours import LOCK, foreign
 from .runrecord import RECORD, RunRecord, damaged
 
 log = logging.getLogger("sftkit")
-
-
-def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[-1])
-
-
-def incomplete(checkpoint: Path) -> str:
-    """Why a checkpoint cannot be resumed from ('' when it can): a kill or a full disk mid-save leaves one part."""
-    state = checkpoint / "trainer_state.json"
-    if not state.is_file():
-        return "no trainer_state.json"
-    try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return "trainer_state.json is cut off"
-    weights = next((checkpoint / n for n in ("adapter_model.safetensors", "model.safetensors")
-                    if (checkpoint / n).is_file()), None)
-    if weights is None:
-        return "no adapter weights"
-    if not readable_weights(weights):
-        return f"{weights.name} is cut off or damaged"
-    if not (checkpoint / "optimizer.pt").is_file():
-        return "no optimizer state (optimizer.pt)"
-    return ""
-
-
-def readable_weights(path: Path) -> bool:
-    """Whether a safetensors file's header reads and its tensors fill the file exactly (sizes, not values)."""
-    try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
-    except (OSError, ValueError):
-        return False
-    try:
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    except (AttributeError, KeyError, TypeError, IndexError):  # not a header of tensors
-        return False
-    return 8 + size + end == path.stat().st_size  # safetensors refuses bytes beyond them too
 
 
 class RunFolder:
@@ -146,9 +108,11 @@ class RunFolder:
                                 "to start training.")
             done = (rec.metrics or {}).get("global_step") if rec else None
             if rec and rec.status == "finished" and (max_steps <= 0 or (done is not None and max_steps <= done)):
-                raise UserError(f"{out!r} already finished at step {done}; resuming would train past it and replace "
-                                "the adapter. To train further pass a larger --max_steps with --resume; to start "
-                                "again, --overwrite.")
+                asked = (f"--max_steps {max_steps} (given or recorded) is not above the {done} steps it trained, so "
+                         "there is nothing to train" if max_steps > 0 else
+                         "resuming would train past it and replace the adapter")
+                raise UserError(f"{out!r} already finished at step {done}; {asked}. To train further pass a larger "
+                                "--max_steps with --resume; to start again, --overwrite.")
             at = step_of(ckpts[-1])
             if 0 < max_steps < at:  # equal is fine: a run killed after its last checkpoint still gets finished
                 raise UserError(f"--resume: --max_steps {max_steps} (given or recorded) is below the step of the run's "

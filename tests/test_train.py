@@ -183,6 +183,8 @@ def test_resume_takes_the_recorded_arguments_and_refuses_a_finished_run(tmp_path
                              target_modules="q_proj,v_proj"))
     with pytest.raises(UserError, match="already finished at step 4"):
         train(output_dir=out, resume=True, max_steps=4)
+    with pytest.raises(UserError, match="step 4; --max_steps 3 .*is not above the 4 steps it trained.*a larger"):
+        train(output_dir=out, resume=True, max_steps=3)  # was: "resuming would train past it"
     with pytest.raises(UserError, match="already finished at step 4"):
         train(output_dir=out, resume=True)  # no --max_steps: the recorded 4, not the signature's 60
     with pytest.raises(UserError, match="--learning_rate 0.1 differs"):
