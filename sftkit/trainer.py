@@ -12,7 +12,8 @@ from pathlib import Path
 from . import checks, data, fastplan, memory, prompts, samples
 from .backend import add_lora, load_model, trainable_in_fp32
 from .cli import names, without_warning
-from .errors import UserError
+from .errors import Stopped, UserError
+from .advice import aborted_advice, oom_advice
 from .metricslog import metrics_callback, run_mean_loss, session_rates
 from .runfolder import RunFolder
 from .runrecord import RECORD, RunRecord, default_name
@@ -215,23 +216,9 @@ def fit(trainer, folder, record: RunRecord, ckpt, stopper, a: dict, plan: Plan):
         if "out of memory" in str(err).lower():
             advice = oom_advice(a["output_dir"], settled, a["fast"], plan.per_device, plan.checkpointing)
             raise UserError(f"out of GPU memory ({err}). {advice}") from err
+        if isinstance(err, KeyboardInterrupt) and folder:  # a second Ctrl-C: say what was kept, and what next
+            raise Stopped(aborted_advice(a["output_dir"], settled), 130) from err
         raise
-
-
-def oom_advice(output_dir: str, settled: str, fast: bool, micro: int, checkpointing: bool) -> str:
-    """What to run after running out of memory: resume from this run's checkpoints if it has any, else start it
-    again; with a smaller micro-batch (same effective batch) or without --fast."""
-    smaller = (f"without --fast (it picked micro-batch {micro} with gradient checkpointing "
-               f"{'on' if checkpointing else 'off'})" if fast else "with a lower --per_device_train_batch_size and "
-               "a --gradient_accumulation_steps as much higher (same effective batch)")
-    if settled == "restored":
-        how = f"The previous run in {output_dir} is back, unchanged; try again with --overwrite {smaller}"
-    elif RunFolder(output_dir).checkpoints(quiet=True):
-        how = f"Its checkpoints in {output_dir} are kept: continue with --resume {smaller}"
-    else:
-        how = f"No checkpoint was saved yet: start again with --overwrite {smaller}"
-    return (f"{how}. A lower --max_seq_length also fits, in a new run (--overwrite); `python memory_report.py "
-            "estimate` predicts what fits.")
 
 
 def finish(trainer, folder, record: RunRecord, result, meter) -> bool:

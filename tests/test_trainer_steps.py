@@ -7,7 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import TINY, checkpoint_part
-from sftkit import prompts, trainer
+from sftkit import advice, prompts, trainer
 from sftkit.backend import Choice
 from sftkit.errors import UserError
 from sftkit.runrecord import starting_record
@@ -103,9 +103,23 @@ def test_out_of_memory_advice_fits_what_is_left(tmp_path, settled, has_ckpt, fas
         ckpt.mkdir()
         for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
             checkpoint_part(ckpt / name)
-    advice = trainer.oom_advice(str(tmp_path), settled, fast, 8, False)
-    assert re.search(expect, advice), advice
-    assert "memory_report.py estimate" in advice
+    said = advice.oom_advice(str(tmp_path), settled, fast, 8, False)
+    assert re.search(expect, said), said
+    assert "memory_report.py estimate" in said
+
+
+def test_a_second_ctrl_c_says_what_was_kept_and_what_to_type(tmp_path):
+    """A second Ctrl-C aborts without saving the current step: the message said only "interrupted", and a run
+    aborted before its first checkpoint had lost every step without a word."""
+    said = advice.aborted_advice(str(tmp_path), "")
+    assert "before the first checkpoint, so no step was saved" in said and "--overwrite" in said
+    assert "is back, unchanged" in advice.aborted_advice(str(tmp_path), "restored")
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
+        checkpoint_part(ckpt / name)
+    assert "checkpoint-4, is kept: continue with python train_unsloth.py --resume" in advice.aborted_advice(
+        str(tmp_path), "kept")
 
 
 def test_who_checkpoints_is_the_backends_answer():
