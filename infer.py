@@ -149,13 +149,31 @@ def chat_loop(g, compare_base=False):
             return
         if not line.strip():
             continue
+        if g.template.kind == "chat":
+            history = fitting_history(g, line, history)
         try:
             result = show(g, line, "", compare_base, history if g.template.kind == "chat" else None)
         except KeyboardInterrupt:  # stop this answer, keep the session
             print("\n[interrupted]", file=sys.stderr)
             continue
+        except UserError as err:  # this message alone is too long: say so, keep the session
+            print(f"[{err}]", file=sys.stderr)
+            continue
         if g.template.kind == "chat":
             history += [{"role": "user", "content": line}, {"role": "assistant", "content": result["answer"]}]
+
+
+def fitting_history(g, line: str, history: list) -> list:
+    """The newest turns that fit the context window beside this message and the answer: the oldest exchanges go
+    first (a long chat ended the session with "prompt 1 ... Shorten them")."""
+    room = g.window - g.gen.get("max_new_tokens", 128)
+    kept = list(history)
+    while kept and len(g.prompt_ids(line, "", kept)) > room:
+        kept = kept[2:]  # one user turn and its answer
+    if len(kept) < len(history):
+        print(f"[the chat outgrew the context window of {g.window} tokens: its {(len(history) - len(kept)) // 2} "
+              "oldest exchange(s) are left out from now on]", file=sys.stderr)
+    return kept
 
 
 def input_line():

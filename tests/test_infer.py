@@ -204,3 +204,15 @@ def test_template_with_a_further_field_is_answered_from_a_batch_file(tmp_path, n
         assert run_batch(g, src, str(tmp_path / "a2.jsonl"), batch_size=2) == 2
     got = [json.loads(x) for x in (tmp_path / "a2.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["context"] for r in got] == ["가", "나"] and all("answer" in r for r in got)
+
+
+def test_a_long_chat_drops_its_oldest_exchanges_instead_of_ending(tmp_path):
+    """A chat whose history outgrows the context window ended the whole session ("prompt 1 ... Shorten them") and
+    left the remaining lines unanswered; now the oldest exchanges are left out and every line is answered."""
+    lines = [f"질문 {n}: 비밀번호를 안전하게 만드는 방법을 알려 주세요." for n in range(12)]
+    out = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model_name", TINY, "--prompt",
+                          "llama-3.1-chat", "--chat", "--max_seq_length", "128", "--max_new_tokens", "20"],
+                         input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count(">>> ") == len(lines) + 1  # every line answered, then EOF at the last prompt
+    assert "oldest exchange(s) are left out from now on" in out.stderr and "Shorten them" not in out.stderr
