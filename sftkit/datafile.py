@@ -299,7 +299,9 @@ def convert_main(argv: list[str]) -> int:
         return 2
     path = Path(argv[0])
     if not path.is_file():
-        print(f"error: {argv[0]!r} does not exist (a path is relative to the current folder).", file=sys.stderr)
+        what = ("is a folder: name one .json or .csv file in it" if path.is_dir() else
+                "does not exist (a path is relative to the current folder)")
+        print(f"error: {argv[0]!r} {what}.", file=sys.stderr)
         return 1
     try:
         rows = csv_rows(path) if path.suffix.lower() == ".csv" else to_rows(json.loads(read_text(path)))

@@ -277,7 +277,9 @@ def child_main(argv: list):
     if argv in (["-h"], ["--help"]):
         print(USAGE)
         return
-    if not argv or argv[0] != "fetch" or [a for a in argv[1:] if a.startswith("-") and a != "--sdist"]:
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--sdist=") else [a])]
+    extra = [a for i, a in enumerate(argv[1:], 1) if a != "--sdist" and argv[i - 1] != "--sdist"]
+    if not argv or argv[0] != "fetch" or extra:
         sys.exit(f"{'unknown ' + repr(' '.join(argv)) + chr(10) if argv else ''}{USAGE}")
     if "--sdist" not in argv:  # kept when already unpacked
         print(converter_dir())

@@ -181,8 +181,12 @@ def test_the_fetch_command_names_a_bad_sdist_and_answers_help(tmp_path, capsys):
     not_tar.write_text("not a tarball")
     with pytest.raises(UserError, match="is not a .tar.gz source distribution.*pip download"):
         gguf.child_main(["fetch", "--sdist", str(not_tar)])
+    with pytest.raises(UserError, match="is not a .tar.gz source distribution"):
+        gguf.child_main(["fetch", f"--sdist={not_tar}"])  # the = form too
     with pytest.raises(SystemExit, match="unknown 'check'"):
         gguf.child_main(["check"])
+    with pytest.raises(SystemExit, match="unknown 'fetch foo'"):  # a stray word is named, not ignored
+        gguf.child_main(["fetch", "foo"])
 
 
 def test_fetch_unpacks_only_the_converter(monkeypatch, tmp_path):

@@ -130,6 +130,8 @@ def test_the_converter_answers_help_and_names_a_missing_file(tmp_path, capsys):
     assert datafile.convert_main([str(tmp_path / "nope.csv")]) == 1
     assert "'%s' does not exist" % (tmp_path / "nope.csv") in capsys.readouterr().err
     assert datafile.convert_main(["--bogus", "1"]) == 2 and "unknown '--bogus 1'" in capsys.readouterr().err
+    assert datafile.convert_main([str(tmp_path)]) == 1 and "is a folder: name one .json or .csv file" in \
+        capsys.readouterr().err
 
 
 def test_a_csv_that_fails_to_parse_says_why(tmp_path):
