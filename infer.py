@@ -166,9 +166,8 @@ def chat_loop(g, compare_base=False):
 def fitting_history(g, line: str, history: list) -> list:
     """The newest turns that fit the context window beside this message and the answer: the oldest exchanges go
     first (a long chat ended the session with "prompt 1 ... Shorten them")."""
-    room = g.window - g.gen.get("max_new_tokens", 128)
     kept = list(history)
-    while kept and len(g.prompt_ids(line, "", kept)) > room:
+    while kept and len(g.prompt_ids(line, "", kept)) > g.room:
         kept = kept[2:]  # one user turn and its answer
     if len(kept) < len(history):
         print(f"[the chat outgrew the context window of {g.window} tokens: its {(len(history) - len(kept)) // 2} "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sftkit import estimate as est
 from sftkit import memory, samples
+from sftkit.advice import continue_or_restart
 from sftkit.runfolder import RunFolder, RunRecord
 from sftkit.cli import run_cli
 from sftkit.doctor import doctor_cli
@@ -52,11 +53,7 @@ def finished_record(folder) -> RunRecord:
     if not isinstance(record.memory, dict):
         status = record.status
         why = f": {record.error}" if record.error else ""
-        # The advice train_unsloth.py would accept: --resume needs a complete checkpoint.
-        then = (f"continue it with `python train_unsloth.py --resume --output_dir {folder}`"
-                if run.checkpoints(quiet=True) else
-                f"start it again with `python train_unsloth.py --overwrite --output_dir {folder}` (it saved no "
-                "checkpoint to resume from)")
+        then = continue_or_restart(folder, bool(run.checkpoints(quiet=True)))  # what train_unsloth.py accepts
         how = f"Wait for it to end; if it was killed, {then}" if status == "running" else then[0].upper() + then[1:]
         raise UserError(f"run {str(folder)!r} did not finish (status {status!r}{why}), so run.json has no memory "
                         f"figures yet. {how}, then run this again.")

@@ -30,3 +30,11 @@ def aborted_advice(output_dir: str, settled: str) -> str:
         return f"aborted before the first checkpoint; the previous run in {output_dir} is back, unchanged"
     return (f"aborted before the first checkpoint, so no step was saved: start again with python train_unsloth.py "
             f"--overwrite --output_dir {output_dir}")
+
+
+def continue_or_restart(output_dir, resumable: bool) -> str:
+    """The command for an unfinished run: --resume needs a complete checkpoint, without one only a new start."""
+    if resumable:
+        return f"continue it with `python train_unsloth.py --resume --output_dir {output_dir}`"
+    return (f"start it again with `python train_unsloth.py --overwrite --output_dir {output_dir}` (it saved no "
+            "checkpoint to resume from)")

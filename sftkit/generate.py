@@ -5,14 +5,13 @@ The template comes from the training run's run.json, so inference renders prompt
 
 import contextlib
 import logging
-from pathlib import Path
 
 from . import prompts, stopping
 from .backend import choose, for_inference, load_adapter, load_model
 from .backend import merge_adapter as fold_adapter  # the name merge_adapter is open_generator's switch
 from .errors import UserError
 from .batchfile import batch_settings
-from .recorded import inference_settings, is_checkpoint
+from .recorded import inference_settings, run_of
 
 log = logging.getLogger("sftkit")
 COMPARE_NEEDS_ADAPTER = ("--compare_base needs a fine-tuned run: pass --adapter outputs/<run> (a run folder "
@@ -65,10 +64,15 @@ class Generator:
             results.append({"answer": text, "stopped": "eos" if stopped else "length", "tokens": tokens})
         return results
 
+    @property
+    def room(self) -> int:
+        """Tokens a prompt may take: the context window less the answer's --max_new_tokens."""
+        return self.window - self.gen.get("max_new_tokens", 128)
+
     def check_lengths(self, numbered_ids):
         """Prompts that leave no room for the answer in the context window are refused, naming them: truncating
         would cut the question, and one long prompt would pad the whole batch to its length."""
-        room = self.window - self.gen.get("max_new_tokens", 128)
+        room = self.room
         long = [(n, len(ids)) for n, ids in numbered_ids if len(ids) > room]
         if long:
             shown = ", ".join(f"prompt {n} ({k} tokens)" for n, k in long[:5])
@@ -112,8 +116,7 @@ def open_generator(adapter: str = "", model_name: str = "", prompt: str = "", ba
                                                         "max_seq_length": max_seq_length})
         model_name, max_seq_length = settings["model_name"], settings["max_seq_length"]
         template = prompts.from_text(record.template, record.template_text, record.template_kind == "chat",
-                                     source=str((Path(adapter).parent if is_checkpoint(Path(adapter)) else
-                                                 Path(adapter)) / "run.json"))
+                                     source=str(run_of(adapter) / "run.json"))
         load_in_4bit = settings["load_in_4bit"]
     elif model_name and prompt == prompts.OWN:
         template = None  # the model's own chat template: known once its tokenizer has loaded

@@ -5,6 +5,7 @@ import os
 import time
 from pathlib import Path
 
+from .checkpoints import step_of
 from .memory import memory_now
 
 
@@ -73,7 +74,7 @@ def session_rates(trainer, record, metrics: dict) -> dict:
     runtime, so a run stopped at step 8 of 200 read 23.7 steps/s for 0.95, and a resumed one counted the steps
     before its checkpoint too."""
     runtime = metrics.get("train_runtime")
-    start = int(Path(record.resumed_from).name.rsplit("-", 1)[-1]) if record.resumed_from else 0
+    start = step_of(Path(record.resumed_from)) if record.resumed_from else 0
     done = trainer.state.global_step - start
     if not runtime or done < 0:
         return {}

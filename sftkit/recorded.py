@@ -7,6 +7,7 @@ import inspect
 import json
 from pathlib import Path
 
+from .advice import continue_or_restart
 from .checkpoints import readable_weights
 from .cli import names
 from .errors import UserError
@@ -121,10 +122,15 @@ def is_checkpoint(path: Path) -> bool:
     return path.name.startswith("checkpoint-") and (path.parent / RECORD).is_file() and not (path / RECORD).is_file()
 
 
-def adapter_record(adapter: str):
-    """The record of the run an --adapter (a run folder or one of its checkpoints) belongs to."""
+def run_of(adapter: str) -> Path:
+    """The run folder an --adapter (a run folder or one of its checkpoints) belongs to."""
     path = Path(adapter)
-    return RunFolder(path.parent if is_checkpoint(path) else path).read()
+    return path.parent if is_checkpoint(path) else path
+
+
+def adapter_record(adapter: str):
+    """The record of the run an --adapter belongs to."""
+    return RunFolder(run_of(adapter)).read()
 
 
 def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
@@ -132,12 +138,10 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
     with the given ones merged by the same rule. Returns (settings, record)."""
     path = Path(adapter)
     checkpoint = is_checkpoint(path)
-    folder = RunFolder(path.parent if checkpoint else path)
+    folder = RunFolder(run_of(adapter))
     rec = folder.read()
     has_adapter = (path / "adapter_config.json").is_file() and any(
         (path / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
-    newest = folder.checkpoints(quiet=True)
-    also = f" (or try its newest checkpoint: infer.py --adapter {newest[-1]})" if newest else ""
     if checkpoint:
         other = "another checkpoint-N of the run, or the run folder once it has finished"
         if not has_adapter:
@@ -146,12 +150,12 @@ def inference_settings(adapter: str, given: dict) -> tuple[dict, object]:
         check_adapter_files(path, fix=f"Pass {other}")
     elif not has_adapter:
         lost = f"{adapter!r} has run.json but no adapter (adapter_config.json and adapter_model.safetensors)"
-        resumable = bool(folder.checkpoints(quiet=True))  # --resume needs one: without, only a new start is possible
+        newest = folder.checkpoints(quiet=True)  # --resume needs one: without, only a new start is possible
+        resumable = bool(newest)
+        also = f" (or try its newest checkpoint: infer.py --adapter {newest[-1]})" if newest else ""
         if rec.status == "running":
-            then = (f"continue it with train_unsloth.py --resume --output_dir {adapter}" if resumable else
-                    f"start it again with train_unsloth.py --overwrite --output_dir {adapter}")
             raise UserError(f"{lost}: its run is still training, or was killed. Wait for it to finish; if it was "
-                            f"killed, {then}{also}")
+                            f"killed, {continue_or_restart(adapter, resumable)}{also}")
         if rec.status == "finished":
             raise UserError(f"{lost}, though its run finished: the adapter files were moved or deleted. Put them "
                             f"back, or train again with train_unsloth.py --overwrite --output_dir {adapter}")
