@@ -127,13 +127,22 @@ def unsloth_run(tmp_path_factory):
     return train(**quick_args(tmp, backend="unsloth", max_steps=20, max_samples=32, learning_rate=2e-2))
 
 
-def checkpoint_part(path: Path):
-    """One file of a checkpoint, as complete as the trainer leaves it: safetensors weights whose header and size
-    agree (RunFolder checks them), JSON or bytes for the rest."""
-    if path.suffix == ".safetensors":
-        import torch
-        from safetensors.torch import save_file
+def weights(path: Path):
+    """A small safetensors file whose header and size agree, as RunFolder and infer.py check them."""
+    import torch
+    from safetensors.torch import save_file
 
-        save_file({"w": torch.zeros(4)}, str(path))
-    else:
-        path.write_text("{}")
+    save_file({"w": torch.zeros(4)}, str(path))
+
+
+def checkpoint(run: Path, step: int, parts=("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")):
+    """run/checkpoint-<step> holding `parts`, each as complete as the trainer leaves it (JSON for the others).
+    Returns its path."""
+    ckpt = run / f"checkpoint-{step}"
+    ckpt.mkdir(parents=True)
+    for name in parts:
+        if name.endswith(".safetensors"):
+            weights(ckpt / name)
+        else:
+            (ckpt / name).write_text("{}")
+    return ckpt

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import memory_report as mr
-from conftest import ROOT, TINY, checkpoint_part, metrics
+from conftest import ROOT, TINY, checkpoint, metrics
 from sftkit import estimate as est
 from sftkit.errors import UserError
 
@@ -86,10 +86,7 @@ def test_errors_for_missing_or_incomplete_runs(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"status": "aborted", "args": {}}))
     with pytest.raises(UserError, match=r"status 'aborted'\).*Start it again with .*--overwrite"):
         mr.show(str(tmp_path))
-    ckpt = tmp_path / "checkpoint-2"
-    ckpt.mkdir()
-    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-        checkpoint_part(ckpt / name)
+    checkpoint(tmp_path, 2)
     with pytest.raises(UserError, match=r"\. Continue it with `python train_unsloth.py --resume --output_dir"):
         mr.show(str(tmp_path))
     (tmp_path / "run.json").write_text(json.dumps({"status": "running", "args": {}}))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE, TINY, checkpoint_part, metrics, quick_args, write_jsonl
+from conftest import SAMPLE, TINY, checkpoint, metrics, quick_args, write_jsonl
 from sftkit.runfolder import RECORD, RunFolder, RunRecord
 from sftkit.errors import UserError
 from train_unsloth import train
@@ -75,10 +75,7 @@ def test_a_failure_after_a_checkpoint_keeps_both_runs(tmp_path):
     folder.begin(record, fresh=True)
     old = folder.replaced
     assert old == tmp_path / "run.replaced" and (old / RECORD).is_file() and path.is_dir()
-    ckpt = path / "checkpoint-2"
-    ckpt.mkdir()
-    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-        checkpoint_part(ckpt / name)
+    ckpt = checkpoint(path, 2)
     assert folder.fail(record, RuntimeError("boom")) == "kept"
     assert ckpt.is_dir() and (old / RECORD).is_file()
     resumed, again = RunRecord(status="finished"), RunFolder(path)  # as --resume: a new record, the same folder

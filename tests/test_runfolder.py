@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import checkpoint_part
+from conftest import checkpoint, weights
 from sftkit import recorded
 from sftkit.errors import UserError
 from sftkit.runfolder import LOCK, RunFolder
@@ -18,16 +18,8 @@ from sftkit.runrecord import RECORD, SCHEMA, RunRecord
 def finished_run(path, **record):
     path.mkdir(parents=True, exist_ok=True)
     (path / RECORD).write_text(json.dumps({"status": "finished", "args": {"max_steps": 4}, **record}))
-    checkpoint_part(path / "adapter_model.safetensors")
+    weights(path / "adapter_model.safetensors")
     return path
-
-
-def checkpoint(path, step, parts=("trainer_state.json", "adapter_model.safetensors", "optimizer.pt")):
-    ckpt = path / f"checkpoint-{step}"
-    ckpt.mkdir(parents=True)
-    for name in parts:
-        checkpoint_part(ckpt / name)
-    return ckpt
 
 
 def test_a_second_training_into_a_locked_folder_is_refused(tmp_path):

@@ -6,7 +6,7 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import TINY, checkpoint_part
+from conftest import TINY, checkpoint
 from sftkit import advice, prompts, trainer
 from sftkit.backend import Choice
 from sftkit.errors import UserError
@@ -99,10 +99,7 @@ def test_the_record_names_the_tokens_the_run_trained_with():
 ])
 def test_out_of_memory_advice_fits_what_is_left(tmp_path, settled, has_ckpt, fast, expect):
     if has_ckpt:
-        ckpt = tmp_path / "checkpoint-2"
-        ckpt.mkdir()
-        for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-            checkpoint_part(ckpt / name)
+        checkpoint(tmp_path, 2)
     said = advice.oom_advice(str(tmp_path), settled, fast, 8, False)
     assert re.search(expect, said), said
     assert "memory_report.py estimate" in said
@@ -114,10 +111,7 @@ def test_a_second_ctrl_c_says_what_was_kept_and_what_to_type(tmp_path):
     said = advice.aborted_advice(str(tmp_path), "")
     assert "before the first checkpoint, so no step was saved" in said and "--overwrite" in said
     assert "is back, unchanged" in advice.aborted_advice(str(tmp_path), "restored")
-    ckpt = tmp_path / "checkpoint-4"
-    ckpt.mkdir()
-    for name in ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt"):
-        checkpoint_part(ckpt / name)
+    checkpoint(tmp_path, 4)
     assert "checkpoint-4, is kept: continue with python train_unsloth.py --resume" in advice.aborted_advice(
         str(tmp_path), "kept")
 
